@@ -1,0 +1,520 @@
+"""Key/value caches.
+
+Every cache here is batched: it holds ``B`` rows that share one time axis, each row
+left-padded to a common length. A single sequence is simply ``B == 1`` with no padding, so
+single-sequence and batched generation run the same code (one engine).
+
+Row ``b`` starts at absolute slot ``starts[b]`` (its left padding). The model asks the cache
+for two things besides storage: the rope offset of each row (:meth:`positions`) and the
+attention mask for ``n`` new queries (:meth:`make_mask`). Caches declare what they can do in
+:class:`CacheCapabilities` instead of being probed with ``hasattr``.
+
+Layout of stored arrays: ``(B, kv_heads, T, head_dim)``; a quantized cache stores each of
+keys and values as the ``(packed, scales, biases)`` triple of :func:`mx.quantize`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from ._errors import CheckpointError, InvalidArgumentError
+
+__all__ = [
+    "CacheCapabilities",
+    "CachePolicy",
+    "KVCache",
+    "QuantizedKVCache",
+    "RotatingKVCache",
+    "can_trim_prompt_cache",
+    "load_prompt_cache",
+    "make_prompt_cache",
+    "merge_caches",
+    "save_prompt_cache",
+    "trim_prompt_cache",
+]
+
+Mask = mx.array | str | None
+
+
+@dataclass(frozen=True)
+class CacheCapabilities:
+    """What a cache type supports; the engine and tools check these, never ``hasattr``."""
+
+    trimmable: bool
+    mergeable: bool
+    quantized: bool
+    serialisable: bool
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """How a model should build its caches.
+
+    ``max_kv_size`` bounds every layer's cache (a rotating window); ``kv_bits`` stores keys
+    and values quantized.
+    """
+
+    max_kv_size: int | None = None
+    kv_bits: int | None = None
+    kv_group_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_kv_size is not None and self.max_kv_size < 1:
+            raise InvalidArgumentError(f"max_kv_size must be positive, got {self.max_kv_size}")
+        if self.kv_bits is not None and self.kv_bits not in (2, 3, 4, 5, 6, 8):
+            raise InvalidArgumentError(f"kv_bits must be one of 2,3,4,5,6,8, got {self.kv_bits}")
+
+
+def _pad_time(x: mx.array, left: int, right: int = 0) -> mx.array:
+    if left == 0 and right == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[2] = (left, right)
+    return mx.pad(x, widths)
+
+
+class KVCache:
+    """Growing cache: keeps every position, grows its buffers in steps of ``step``."""
+
+    capabilities: ClassVar[CacheCapabilities] = CacheCapabilities(
+        trimmable=True, mergeable=True, quantized=False, serialisable=True
+    )
+    step: ClassVar[int] = 256
+
+    def __init__(self, *, batch_size: int = 1, left_padding: Sequence[int] | None = None) -> None:
+        self.keys: Any = None
+        self.values: Any = None
+        self.length = 0  # filled slots along the time axis
+        self.offset = 0  # absolute positions processed (== length unless slots were dropped)
+        pads = list(left_padding) if left_padding is not None else [0] * batch_size
+        # starts: where each row's tokens begin (its rope origin); valid_from: the first
+        # absolute position whose slot holds data. They differ only for rows merged into a
+        # rotating window after part of their history rotated out.
+        self.starts = mx.array(pads, dtype=mx.int32)
+        self.valid_from = self.starts
+        self._padded = any(p > 0 for p in pads)
+
+    # -- storage ---------------------------------------------------------------------
+    def _store(self, x: mx.array) -> Any:
+        return x
+
+    def _slice(self, stored: Any, stop: int) -> Any:
+        return tree_map(lambda a: a[..., :stop, :], stored)
+
+    def _alloc(self, new: Any, capacity: int) -> Any:
+        return tree_map(lambda a: mx.zeros((*a.shape[:2], capacity, a.shape[3]), a.dtype), new)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Any, Any]:
+        """Append ``n`` new positions and return everything attention should see."""
+        n = keys.shape[2]
+        k_new, v_new = self._store(keys), self._store(values)
+        capacity = 0 if self.keys is None else tree_flatten(self.keys)[0][1].shape[2]
+        if self.length + n > capacity:
+            grow = ((n + self.step - 1) // self.step) * self.step
+            k_more, v_more = self._alloc(k_new, grow), self._alloc(v_new, grow)
+            if self.keys is None:
+                self.keys, self.values = k_more, v_more
+            else:
+                cat = lambda old, more: mx.concatenate([old[..., : self.length, :], more], axis=2)
+                self.keys = tree_map(cat, self.keys, k_more)
+                self.values = tree_map(cat, self.values, v_more)
+        end = self.length + n
+
+        def write(buf: mx.array, new: mx.array) -> mx.array:
+            buf[..., self.length : end, :] = new
+            return buf
+
+        self.keys = tree_map(write, self.keys, k_new)
+        self.values = tree_map(write, self.values, v_new)
+        self.length = end
+        self.offset += n
+        return self._slice(self.keys, end), self._slice(self.values, end)
+
+    # -- what the model asks ---------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return int(self.starts.shape[0])
+
+    def positions(self) -> int | mx.array:
+        """Rope offset of the next token, per row when rows are padded."""
+        return self.offset - self.starts if self._padded else self.offset
+
+    def make_mask(self, n: int, *, window: int | None = None) -> Mask:
+        """Mask for ``n`` new queries against the cache after they are added."""
+        total = self.length + n
+        if not self._padded and (window is None or total <= window):
+            return None if n == 1 else "causal"
+        first = self.offset + n - total  # absolute position of slot 0
+        key_pos = mx.arange(first, first + total)
+        query_pos = mx.arange(self.offset, self.offset + n)
+        mask = query_pos[:, None] >= key_pos[None]
+        if window is not None:
+            mask = mask & (key_pos[None] > query_pos[:, None] - window)
+        if self._padded:
+            valid = key_pos[None] >= self.valid_from[:, None]  # (B, total)
+            return mask[None, None] & valid[:, None, None, :]
+        return mask
+
+    # -- capabilities ----------------------------------------------------------------
+    def size(self) -> int:
+        return self.length
+
+    def trim(self, n: int) -> int:
+        """Drop the last ``n`` positions; returns how many were dropped."""
+        n = min(self.length, n)
+        self.length -= n
+        self.offset -= n
+        return n
+
+    def filter(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` of the batch (finished sequences leave)."""
+        idx = mx.array(list(rows), dtype=mx.int32)
+        if self.keys is not None:
+            self.keys = tree_map(lambda a: a[idx], self.keys)
+            self.values = tree_map(lambda a: a[idx], self.values)
+        self.starts = self.starts[idx]
+        self.valid_from = self.valid_from[idx]
+        self._drop_common_padding()
+
+    def _drop_common_padding(self) -> None:
+        """Remove slots that every row pads, so caches stay as short as possible."""
+        if self.batch_size == 0:
+            return
+        first = self.offset - self.length
+        common = int(mx.min(self.starts).item()) - first
+        if common > 0 and self.keys is not None:
+            self.keys = tree_map(lambda a: a[..., common:, :], self.keys)
+            self.values = tree_map(lambda a: a[..., common:, :], self.values)
+            self.length -= common
+        self.starts = self.starts - (int(mx.min(self.starts).item()))
+        self.valid_from = self.starts
+        self.offset = self.length
+        self._padded = bool(mx.any(self.starts > 0).item())
+
+    def extend(self, other: KVCache) -> None:
+        """Append the rows of ``other`` to this batch, right-aligning both time axes."""
+        if other.keys is None:
+            raise InvalidArgumentError("cannot merge an empty cache into a batch")
+        if self.keys is None or self.batch_size == 0:
+            self.__dict__.update(other.__dict__)
+            return
+        mine, theirs = self.length, other.length
+        total = max(mine, theirs)
+
+        def aligned(cache: KVCache, stored: Any) -> Any:
+            trimmed = cache._slice(stored, cache.length)
+            return tree_map(lambda a: _pad_time(a, total - cache.length), trimmed)
+
+        cat = lambda a, b: mx.concatenate([a, b], axis=0)
+        self.keys = tree_map(cat, aligned(self, self.keys), aligned(other, other.keys))
+        self.values = tree_map(cat, aligned(self, self.values), aligned(other, other.values))
+        # Express both rows' starts relative to the new common slot 0.
+        mine_starts = self.starts - (self.offset - self.length) + (total - mine)
+        their_starts = other.starts - (other.offset - other.length) + (total - theirs)
+        self.starts = mx.concatenate([mine_starts, their_starts])
+        self.valid_from = self.starts
+        self.length = self.offset = total
+        self._padded = bool(mx.any(self.starts > 0).item())
+
+    # -- serialisation ---------------------------------------------------------------
+    @property
+    def state(self) -> tuple[Any, Any]:
+        return self._slice(self.keys, self.length), self._slice(self.values, self.length)
+
+    @property
+    def meta_state(self) -> dict[str, Any]:
+        return {
+            "offset": self.offset,
+            "starts": [int(s) for s in self.starts.tolist()],
+            "valid_from": [int(s) for s in self.valid_from.tolist()],
+        }
+
+    @classmethod
+    def from_state(cls, state: tuple[Any, Any], meta: dict[str, Any]) -> KVCache:
+        cache = cls.__new__(cls)
+        cache._restore(state, meta)
+        return cache
+
+    def _restore(self, state: tuple[Any, Any], meta: dict[str, Any]) -> None:
+        self.keys, self.values = state
+        self.length = tree_flatten(self.keys)[0][1].shape[2]
+        self.offset = int(meta["offset"])
+        self.starts = mx.array(meta["starts"], dtype=mx.int32)
+        self.valid_from = mx.array(meta.get("valid_from", meta["starts"]), dtype=mx.int32)
+        self._padded = bool(mx.any(self.valid_from > self.offset - self.length).item())
+
+    @property
+    def nbytes(self) -> int:
+        if self.keys is None:
+            return 0
+        arrays = [a for _, a in tree_flatten(self.state)]
+        return sum(a.nbytes for a in arrays)
+
+    def empty(self) -> bool:
+        return self.keys is None or self.length == 0
+
+
+class RotatingKVCache(KVCache):
+    """A window of the last ``max_size`` positions (``max_kv_size``, sliding windows).
+
+    Positions are stored in temporal order (the oldest dropped by slicing), which keeps
+    masks and batching simple; the copy this costs per step is bounded by the window.
+    """
+
+    capabilities: ClassVar[CacheCapabilities] = CacheCapabilities(
+        trimmable=False, mergeable=True, quantized=False, serialisable=True
+    )
+
+    def __init__(
+        self, *, max_size: int, batch_size: int = 1, left_padding: Sequence[int] | None = None
+    ) -> None:
+        super().__init__(batch_size=batch_size, left_padding=left_padding)
+        if max_size < 1:
+            raise InvalidArgumentError(f"max_kv_size must be positive, got {max_size}")
+        self.max_size = max_size
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Any, Any]:
+        k_new, v_new = self._store(keys), self._store(values)
+        n = keys.shape[2]
+        if self.keys is None:
+            k_all, v_all = k_new, v_new
+        else:
+            cat = lambda old, new: mx.concatenate([old, new], axis=2)
+            k_all, v_all = tree_map(cat, self.keys, k_new), tree_map(cat, self.values, v_new)
+        self.offset += n
+        total = self.length + n
+        # These n queries need the last (max_size - 1) old positions; make_mask() then limits
+        # each query to its own window.
+        visible = min(total, self.max_size - 1 + n)
+        tail = lambda size: (lambda a: a[..., total - size :, :])
+        k_vis, v_vis = tree_map(tail(visible), k_all), tree_map(tail(visible), v_all)
+        self.length = min(total, self.max_size)
+        self.keys = tree_map(tail(self.length), k_all)
+        self.values = tree_map(tail(self.length), v_all)
+        return k_vis, v_vis
+
+    def make_mask(self, n: int, *, window: int | None = None) -> Mask:
+        window = self.max_size if window is None else min(window, self.max_size)
+        visible = min(self.length + n, self.max_size - 1 + n)
+        if not self._padded:
+            if n == 1:
+                return None
+            if self.length + n <= window:
+                return "causal"
+        end = self.offset + n  # absolute positions of what update_and_fetch() returns
+        key_pos = mx.arange(end - visible, end)
+        query_pos = mx.arange(self.offset, end)
+        mask = (query_pos[:, None] >= key_pos[None]) & (key_pos[None] > query_pos[:, None] - window)
+        if self._padded:
+            valid = key_pos[None] >= self.valid_from[:, None]
+            return mask[None, None] & valid[:, None, None, :]
+        return mask
+
+    def trim(self, n: int) -> int:
+        return 0
+
+    def _drop_common_padding(self) -> None:
+        # Slots map to absolute positions through the window; only refresh the flag.
+        first = self.offset - self.length
+        self._padded = bool(mx.any(self.valid_from > first).item())
+
+    def extend(self, other: KVCache) -> None:
+        raise InvalidArgumentError("rotating caches join a batch through merge_caches()")
+
+    @property
+    def meta_state(self) -> dict[str, Any]:
+        return {**super().meta_state, "max_size": self.max_size}
+
+    def _restore(self, state: tuple[Any, Any], meta: dict[str, Any]) -> None:
+        super()._restore(state, meta)
+        self.max_size = int(meta["max_size"])
+
+
+class QuantizedKVCache(KVCache):
+    """Keys and values stored quantized (``bits``, ``group_size``), attended in place."""
+
+    capabilities: ClassVar[CacheCapabilities] = CacheCapabilities(
+        trimmable=True, mergeable=True, quantized=True, serialisable=True
+    )
+
+    def __init__(
+        self,
+        *,
+        bits: int = 8,
+        group_size: int = 64,
+        batch_size: int = 1,
+        left_padding: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__(batch_size=batch_size, left_padding=left_padding)
+        self.bits = bits
+        self.group_size = group_size
+
+    def _store(self, x: mx.array) -> Any:
+        return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
+
+    @property
+    def meta_state(self) -> dict[str, Any]:
+        return {**super().meta_state, "bits": self.bits, "group_size": self.group_size}
+
+    def _restore(self, state: tuple[Any, Any], meta: dict[str, Any]) -> None:
+        super()._restore((tuple(state[0]), tuple(state[1])), meta)
+        self.bits = int(meta["bits"])
+        self.group_size = int(meta["group_size"])
+
+
+# ----------------------------------------------------------------------------------------
+# Building, merging and trimming whole prompt caches (one cache per layer)
+
+
+def make_prompt_cache(
+    model: Any,
+    *,
+    max_kv_size: int | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    batch_size: int = 1,
+    left_padding: Sequence[int] | None = None,
+) -> list[KVCache]:
+    """One cache per layer, as the model's ``make_cache(policy)`` wants, or the default."""
+    policy = CachePolicy(max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size)
+    if hasattr(model, "make_cache"):
+        caches = model.make_cache(policy, batch_size=batch_size, left_padding=left_padding)
+    else:
+        caches = [
+            cache_for_policy(policy, batch_size=batch_size, left_padding=left_padding)
+            for _ in model.layers
+        ]
+    return caches
+
+
+def cache_for_policy(
+    policy: CachePolicy,
+    *,
+    window: int | None = None,
+    batch_size: int = 1,
+    left_padding: Sequence[int] | None = None,
+) -> KVCache:
+    """The cache one attention layer gets under ``policy`` (``window``: its sliding window)."""
+    bound = policy.max_kv_size
+    if window is not None:
+        bound = window if bound is None else min(bound, window)
+    shape = {"batch_size": batch_size, "left_padding": left_padding}
+    if bound is not None:
+        if policy.kv_bits is not None:
+            raise InvalidArgumentError("kv_bits cannot be combined with a bounded (rotating) cache")
+        return RotatingKVCache(max_size=bound, **shape)
+    if policy.kv_bits is not None:
+        return QuantizedKVCache(bits=policy.kv_bits, group_size=policy.kv_group_size, **shape)
+    return KVCache(**shape)
+
+
+def merge_caches(per_sequence: Sequence[Sequence[KVCache]]) -> list[KVCache]:
+    """Stack several single-sequence prompt caches (layer lists) into one batched cache."""
+    if not per_sequence:
+        raise InvalidArgumentError("nothing to merge")
+    merged: list[KVCache] = []
+    for layer_caches in zip(*per_sequence):
+        first = layer_caches[0]
+        if not first.capabilities.mergeable:
+            raise InvalidArgumentError(f"{type(first).__name__} cannot be batched")
+        if isinstance(first, RotatingKVCache):
+            merged.append(_merge_rotating(list(layer_caches)))  # type: ignore[arg-type]
+            continue
+        base = type(first).from_state(first.state, first.meta_state)
+        for other in layer_caches[1:]:
+            base.extend(other)
+        merged.append(base)
+    return merged
+
+
+def _merge_rotating(caches: list[RotatingKVCache]) -> RotatingKVCache:
+    """Right-align rotating caches by their last position so one window serves all rows."""
+    end = max(c.offset for c in caches)
+    length = max(c.length for c in caches)
+    keys, values, starts, valid_from = [], [], [], []
+    for c in caches:
+        shift = end - c.offset  # this row's positions, seen from the merged clock
+        k, v = c.state
+        keys.append(tree_map(lambda a, c=c: _pad_time(a, length - c.length), k))
+        values.append(tree_map(lambda a, c=c: _pad_time(a, length - c.length), v))
+        starts.append(c.starts + shift)
+        first_stored = end - c.length
+        valid_from.append(mx.maximum(c.valid_from + shift, first_stored))
+    out = RotatingKVCache(max_size=caches[0].max_size, batch_size=len(caches))
+    cat = lambda *xs: mx.concatenate(xs, axis=0)
+    out.keys = tree_map(cat, *keys)
+    out.values = tree_map(cat, *values)
+    out.length, out.offset = length, end
+    out.starts = mx.concatenate(starts)
+    out.valid_from = mx.concatenate(valid_from)
+    out._drop_common_padding()
+    return out
+
+
+def can_trim_prompt_cache(cache: Sequence[KVCache]) -> bool:
+    return all(c.capabilities.trimmable for c in cache)
+
+
+def trim_prompt_cache(cache: Sequence[KVCache], num_tokens: int) -> int:
+    """Drop the last ``num_tokens`` of every layer; returns how many were dropped."""
+    if not can_trim_prompt_cache(cache) or not cache:
+        return 0
+    return [c.trim(num_tokens) for c in cache][0]
+
+
+# ----------------------------------------------------------------------------------------
+# Prompt-cache files: safetensors with the arrays and the class/meta of each layer
+
+_CACHE_TYPES: dict[str, type[KVCache]] = {
+    cls.__name__: cls for cls in (KVCache, RotatingKVCache, QuantizedKVCache)
+}
+
+
+def save_prompt_cache(
+    path: str | Path, cache: Sequence[KVCache], metadata: dict[str, str] | None = None
+) -> None:
+    """Write a prompt cache (and string metadata) to ``path`` atomically."""
+    path = Path(path)
+    arrays: dict[str, mx.array] = {}
+    for i, c in enumerate(cache):
+        if not c.capabilities.serialisable:
+            raise InvalidArgumentError(f"{type(c).__name__} cannot be saved")
+        for key, arr in tree_flatten(c.state):
+            arrays[f"{i}.{key}"] = arr
+    layers = [{"type": type(c).__name__, "meta": c.meta_state} for c in cache]
+    info = {"mlxlm.layers": json.dumps(layers), **(metadata or {})}
+    tmp = path.with_name(path.name + ".partial.safetensors")
+    mx.save_safetensors(str(tmp), arrays, metadata=info)
+    tmp.replace(path)
+
+
+def load_prompt_cache(
+    path: str | Path, *, return_metadata: bool = False
+) -> list[KVCache] | tuple[list[KVCache], dict[str, str]]:
+    """Read a file written by :func:`save_prompt_cache`."""
+    try:
+        arrays, info = mx.load(str(path), return_metadata=True)
+        layers = json.loads(info.pop("mlxlm.layers"))
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: not a prompt-cache file ({exc})") from None
+    cache: list[KVCache] = []
+    for i, layer in enumerate(layers):
+        prefix = f"{i}."
+        items = [(k[len(prefix) :], v) for k, v in arrays.items() if k.startswith(prefix)]
+        state = tree_unflatten(items)
+        state = (state[0], state[1]) if isinstance(state, list) else state
+        cls = _CACHE_TYPES.get(layer["type"])
+        if cls is None:
+            raise CheckpointError(f"{path}: unknown cache type {layer['type']!r}")
+        cache.append(cls.from_state(state, layer["meta"]))
+    return (cache, info) if return_metadata else cache
+
+
+StepCallback = Callable[[int, int], None]

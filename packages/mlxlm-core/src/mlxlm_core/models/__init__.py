@@ -1,0 +1,54 @@
+"""Architectures, one module per Hugging Face ``model_type``.
+
+Public: :func:`get_model_classes` resolves a ``model_type`` to its ``(Model, ModelArgs)``
+pair, :data:`SUPPORTED_MODEL_TYPES` lists what is available, and :class:`LanguageModel` is
+the contract each architecture implements.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+from typing import Any
+
+from .._errors import UnsupportedError
+from .base import BaseModelArgs, LanguageModel
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "BaseModelArgs", "LanguageModel", "get_model_classes"]
+
+# model_type -> module implementing it. Several types share one implementation when the
+# checkpoints differ only in configuration.
+_MODULES: dict[str, str] = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "qwen3_moe": "qwen3_moe",
+    "mixtral": "mixtral",
+}
+
+
+def _available() -> dict[str, str]:
+    found = {}
+    for model_type, module in _MODULES.items():
+        if importlib.util.find_spec(f"{__name__}.{module}") is not None:
+            found[model_type] = module
+    return found
+
+
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_available()))
+
+
+def get_model_classes(model_type: str) -> tuple[type[Any], type[BaseModelArgs]]:
+    """``(Model, ModelArgs)`` for ``model_type``, or a one-line error naming near matches."""
+    module = _available().get(model_type)
+    if module is None:
+        near = difflib.get_close_matches(model_type, SUPPORTED_MODEL_TYPES, n=3, cutoff=0.4)
+        hint = f"; nearest supported: {', '.join(near)}" if near else ""
+        raise UnsupportedError(
+            f"model_type {model_type!r} is not supported{hint} "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    mod = importlib.import_module(f"{__name__}.{module}")
+    return mod.Model, mod.ModelArgs
