@@ -225,12 +225,15 @@ def make_sampler(
 
 
 def log_softmax(logits: mx.array, axis: int = -1) -> mx.array:
-    """Normalise logits to log-probabilities without overflow.
+    """Normalise logits to log-probabilities without overflow or needless rounding.
 
-    ``logsumexp`` subtracts the row maximum internally, so huge logits do not overflow
-    ``exp`` and ``-inf`` entries (masked tokens) stay ``-inf``.
+    Shifting by the row maximum first keeps ``exp`` from overflowing and makes the large
+    subtraction exact, so a row of logits near 1e4 keeps float32 precision in its
+    log-probabilities (``x - logsumexp(x)`` would round them to ~1e-3). Masked ``-inf``
+    entries stay ``-inf``.
     """
-    return logits - mx.logsumexp(logits, axis=axis, keepdims=True)
+    shifted = logits - mx.stop_gradient(mx.max(logits, axis=axis, keepdims=True))
+    return shifted - mx.logsumexp(shifted, axis=axis, keepdims=True)
 
 
 def top_logprobs(logprobs: mx.array, k: int) -> tuple[mx.array, mx.array]:
