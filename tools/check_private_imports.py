@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import ast
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,11 +59,11 @@ class _ImportCollector(ast.NodeVisitor):
         line = getattr(node, "lineno", 0)
         self.sites.append(ImportSite(line, module, names, self._lazy_depth > 0))
 
-    def _lazy(self, nodes: list[ast.stmt] | list[ast.AST]) -> None:
-        self._lazy_depth += 1
+    def _visit_all(self, nodes: Sequence[ast.AST], *, lazy: bool) -> None:
+        self._lazy_depth += lazy
         for node in nodes:
             self.visit(node)
-        self._lazy_depth -= 1
+        self._lazy_depth -= lazy
 
     def visit_Import(self, node: ast.Import) -> None:
         for alias in node.names:
@@ -92,28 +93,22 @@ class _ImportCollector(ast.NodeVisitor):
             for decorator in node.decorator_list:
                 self.visit(decorator)
         self.visit(node.args)
-        body = [node.body] if isinstance(node, ast.Lambda) else node.body
-        self._lazy(body)
+        body: Sequence[ast.AST] = [node.body] if isinstance(node, ast.Lambda) else node.body
+        self._visit_all(body, lazy=True)
 
     visit_FunctionDef = visit_AsyncFunctionDef = visit_Lambda = _visit_function
 
-    def visit_Try(self, node: ast.Try) -> None:
+    def visit_Try(self, node: ast.Try | ast.TryStar) -> None:
         guarded = any(_catches_import_error(h) for h in node.handlers)
-        if guarded:
-            self._lazy(node.body)
-        else:
-            for stmt in node.body:
-                self.visit(stmt)
-        for part in (*node.handlers, *node.orelse, *node.finalbody):
-            self.visit(part)
+        self._visit_all(node.body, lazy=guarded)
+        self._visit_all([*node.handlers, *node.orelse, *node.finalbody], lazy=False)
 
     visit_TryStar = visit_Try
 
     def visit_If(self, node: ast.If) -> None:
         if _is_type_checking(node.test):
-            self._lazy(node.body)
-            for stmt in node.orelse:
-                self.visit(stmt)
+            self._visit_all(node.body, lazy=True)
+            self._visit_all(node.orelse, lazy=False)
         else:
             self.generic_visit(node)
 
