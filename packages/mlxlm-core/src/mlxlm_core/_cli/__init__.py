@@ -1,0 +1,1 @@
+"""The ``mlxlm`` command: a dispatcher over subcommands found through entry points."""

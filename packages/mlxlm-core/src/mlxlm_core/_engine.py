@@ -1,0 +1,288 @@
+"""The decode loop: one batched engine that every generation path runs on.
+
+``Sampling`` turns a step's logits into tokens (per-row logits processors and samplers,
+token histories for penalties). ``prefill`` feeds prompt tokens through the cache in chunks.
+``BatchGenerator`` is continuous batching: prompts join a running batch between steps and
+finished rows leave it; single-sequence generation (:mod:`._generate`) drives the same
+``prefill``/``decode_step`` functions with a batch of one.
+
+Host synchronisation happens once per step (reading the sampled tokens), after the next step
+has already been queued with ``mx.async_eval`` so the device never waits for Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ._errors import ContextLengthError, InvalidArgumentError
+from .cache import KVCache, make_prompt_cache, merge_caches
+
+Sampler = Callable[[mx.array], mx.array]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+ProgressCallback = Callable[[int, int], None]
+
+__all__ = ["BatchGenerator", "BatchResponse", "Sampling", "decode_step", "prefill"]
+
+
+def greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
+
+
+@dataclass
+class _Row:
+    sampler: Sampler
+    processors: Sequence[LogitsProcessor]
+    history: mx.array | None  # prompt + generated tokens, kept only when processors need it
+
+
+class Sampling:
+    """Per-row samplers and logits processors for a batch."""
+
+    def __init__(self) -> None:
+        self.rows: list[_Row] = []
+
+    def add(
+        self,
+        prompt: mx.array,
+        sampler: Sampler | None,
+        processors: Sequence[LogitsProcessor] | None,
+    ) -> None:
+        processors = list(processors or [])
+        history = prompt if processors else None
+        self.rows.append(_Row(sampler or greedy, processors, history))
+
+    def keep(self, rows: Sequence[int]) -> None:
+        self.rows = [self.rows[i] for i in rows]
+
+    def __call__(self, logits: mx.array, fed: mx.array | None) -> tuple[mx.array, mx.array]:
+        """Tokens (B,) and log-probabilities (B, V) for the last position's ``logits``.
+
+        ``fed`` are the tokens just given to the model (appended to histories first).
+        """
+        if any(r.processors for r in self.rows):
+            out = []
+            for i, row in enumerate(self.rows):
+                row_logits = logits[i : i + 1]
+                if row.processors:
+                    assert row.history is not None
+                    if fed is not None:
+                        row.history = mx.concatenate([row.history, fed[i : i + 1]])
+                    for proc in row.processors:
+                        row_logits = proc(row.history[None], row_logits)
+                out.append(row_logits)
+            logits = mx.concatenate(out, axis=0)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        first = self.rows[0].sampler
+        if all(r.sampler is first for r in self.rows):
+            return first(logprobs), logprobs
+        tokens = [row.sampler(logprobs[i : i + 1]) for i, row in enumerate(self.rows)]
+        return mx.concatenate(tokens), logprobs
+
+
+def prefill(
+    model: nn.Module,
+    tokens: mx.array,
+    cache: Sequence[KVCache],
+    *,
+    step_size: int = 2048,
+    progress: ProgressCallback | None = None,
+    done_before: int = 0,
+    total: int | None = None,
+) -> None:
+    """Run ``tokens`` (B, L) through the model to fill ``cache``; logits are discarded."""
+    length = tokens.shape[1]
+    total = total if total is not None else length
+    for start in range(0, length, step_size):
+        chunk = tokens[:, start : start + step_size]
+        model(chunk, cache=cache)
+        mx.eval([c.state for c in cache])
+        if progress is not None:
+            progress(done_before + start + chunk.shape[1], total)
+
+
+def decode_step(
+    model: nn.Module,
+    inputs: mx.array,
+    cache: Sequence[KVCache],
+    sampling: Sampling,
+) -> tuple[mx.array, mx.array]:
+    """Feed ``inputs`` (B, L) and sample the next token of every row from the last position."""
+    logits = model(inputs, cache=cache)[:, -1, :]
+    return sampling(logits, inputs[:, -1])
+
+
+def check_context(model: nn.Module, n_tokens: int, *, bounded: bool) -> None:
+    """Refuse prompts longer than the model's context unless the cache is bounded."""
+    limit = getattr(getattr(model, "args", None), "max_position_embeddings", None)
+    if limit and not bounded and n_tokens > limit:
+        raise ContextLengthError(
+            f"prompt has {n_tokens} tokens, more than the model's context of {limit}"
+        )
+
+
+@dataclass
+class BatchResponse:
+    uid: int
+    token: int
+    logprobs: mx.array
+    finish_reason: str | None  # "stop" (a stop token), "length" (max tokens) or None
+
+
+@dataclass
+class _Request:
+    uid: int
+    prompt: list[int]
+    max_tokens: int
+    sampler: Sampler | None
+    processors: Sequence[LogitsProcessor] | None
+    stop_tokens: frozenset[int]
+    generated: int = 0
+
+
+@dataclass
+class BatchGenerator:
+    """Continuous batching over one model.
+
+    ``insert`` queues prompts; each ``next()`` admits waiting prompts (prefilled together,
+    then merged into the running batch) and advances every active row by one token.
+    """
+
+    model: nn.Module
+    stop_tokens: frozenset[int] = frozenset()
+    max_tokens: int = 256
+    completion_batch_size: int = 32
+    prefill_batch_size: int = 8
+    prefill_step_size: int = 2048
+    max_kv_size: int | None = None
+    kv_bits: int | None = None
+    kv_group_size: int = 64
+    _waiting: list[_Request] = field(default_factory=list)
+    _active: list[_Request] = field(default_factory=list)
+    _cache: list[KVCache] | None = None
+    _sampling: Sampling = field(default_factory=Sampling)
+    _current: tuple[mx.array, mx.array] | None = None
+    _next_uid: int = 0
+
+    def insert(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_tokens: int | Sequence[int] | None = None,
+        samplers: Sequence[Sampler | None] | None = None,
+        logits_processors: Sequence[Sequence[LogitsProcessor] | None] | None = None,
+        stop_tokens: Sequence[Sequence[int] | None] | None = None,
+    ) -> list[int]:
+        """Queue prompts (token ids); returns their uids in order."""
+        count = len(prompts)
+        limits = max_tokens if isinstance(max_tokens, Sequence) else [max_tokens] * count
+        samplers = samplers or [None] * count
+        processors = logits_processors or [None] * count
+        stops = stop_tokens or [None] * count
+        uids = []
+        for prompt, limit, sampler, procs, stop in zip(prompts, limits, samplers, processors, stops):
+            if not prompt:
+                raise InvalidArgumentError("empty prompt: give at least one token")
+            limit = self.max_tokens if limit is None else limit
+            if limit < 0:
+                raise InvalidArgumentError(f"max_tokens must be >= 0, got {limit}")
+            check_context(self.model, len(prompt), bounded=self.max_kv_size is not None)
+            stop_set = self.stop_tokens if stop is None else frozenset(stop)
+            req = _Request(self._next_uid, list(prompt), limit, sampler, procs, stop_set)
+            self._next_uid += 1
+            uids.append(req.uid)
+            if limit > 0:  # a request for zero tokens is complete as soon as it is made
+                self._waiting.append(req)
+        return uids
+
+    def remove(self, uids: Sequence[int]) -> None:
+        """Drop requests (waiting or running), e.g. when a client disconnects."""
+        gone = set(uids)
+        self._waiting = [r for r in self._waiting if r.uid not in gone]
+        keep = [i for i, r in enumerate(self._active) if r.uid not in gone]
+        if len(keep) != len(self._active):
+            self._keep_rows(keep)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._active)
+
+    def _keep_rows(self, rows: list[int]) -> None:
+        self._active = [self._active[i] for i in rows]
+        self._sampling.keep(rows)
+        if not rows:
+            self._cache, self._current = None, None
+            return
+        assert self._cache is not None and self._current is not None
+        for c in self._cache:
+            c.filter(rows)
+        idx = mx.array(rows)
+        self._current = (self._current[0][idx], self._current[1][idx])
+
+    def _admit(self) -> None:
+        room = self.completion_batch_size - len(self._active)
+        batch, self._waiting = self._waiting[: min(room, self.prefill_batch_size)], self._waiting[
+            min(room, self.prefill_batch_size) :
+        ]
+        if not batch:
+            return
+        lengths = [len(r.prompt) for r in batch]
+        longest = max(lengths)
+        pads = [longest - n for n in lengths]
+        tokens = mx.array([[0] * p + r.prompt for p, r in zip(pads, batch)])
+        cache = make_prompt_cache(
+            self.model,
+            max_kv_size=self.max_kv_size,
+            kv_bits=self.kv_bits,
+            kv_group_size=self.kv_group_size,
+            batch_size=len(batch),
+            left_padding=pads,
+        )
+        prefill(self.model, tokens[:, :-1], cache, step_size=self.prefill_step_size)
+        sampling = Sampling()
+        for r in batch:
+            sampling.add(mx.array(r.prompt[:-1]), r.sampler, r.processors)
+        first = decode_step(self.model, tokens[:, -1:], cache, sampling)
+        if self._cache is None:
+            self._cache, self._current = cache, first
+            self._sampling = sampling
+        else:
+            assert self._current is not None
+            self._cache = merge_caches([self._cache, cache])
+            self._current = (
+                mx.concatenate([self._current[0], first[0]]),
+                mx.concatenate([self._current[1], first[1]]),
+            )
+            self._sampling.rows.extend(sampling.rows)
+        self._active.extend(batch)
+
+    def next(self) -> list[BatchResponse]:
+        """Advance every active request by one token."""
+        if self._waiting and len(self._active) < self.completion_batch_size:
+            self._admit()
+        if not self._active:
+            return []
+        assert self._cache is not None and self._current is not None
+        tokens, logprobs = self._current
+        # Queue the following step before reading this one, so the device stays busy.
+        upcoming = decode_step(self.model, tokens[:, None], self._cache, self._sampling)
+        mx.async_eval(*upcoming)
+        responses, keep = [], []
+        for i, (req, token) in enumerate(zip(self._active, tokens.tolist())):
+            req.generated += 1
+            reason = None
+            if token in req.stop_tokens:
+                reason = "stop"
+            elif req.generated >= req.max_tokens:
+                reason = "length"
+            else:
+                keep.append(i)
+            responses.append(BatchResponse(req.uid, token, logprobs[i], reason))
+        self._current = upcoming
+        if len(keep) != len(self._active):
+            self._keep_rows(keep)
+        return responses
