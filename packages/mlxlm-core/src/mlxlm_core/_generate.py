@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,8 +21,10 @@ from ._engine import (
     prefill,
 )
 from ._errors import InvalidArgumentError
-from ._tokenizer import TokenizerWrapper
 from .cache import KVCache, make_prompt_cache
+
+if TYPE_CHECKING:
+    from ._tokenizer import TokenizerWrapper
 
 __all__ = [
     "GenerationResponse",

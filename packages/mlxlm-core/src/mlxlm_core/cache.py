@@ -357,6 +357,10 @@ class QuantizedKVCache(KVCache):
         self.group_size = group_size
 
     def _store(self, x: mx.array) -> Any:
+        if x.shape[-1] % self.group_size:
+            raise InvalidArgumentError(
+                f"kv_group_size {self.group_size} does not divide the head dimension {x.shape[-1]}"
+            )
         return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
 
     @property
