@@ -1,0 +1,124 @@
+"""Shared fixtures: tiny random configs and models of every supported architecture.
+
+The configs are small enough to build and run in milliseconds (2 layers, hidden 64, 4 query
+heads over 2 KV heads, vocabulary 128, 4 experts) but keep every feature that distinguishes
+the architectures switched on: biases, q/k norms, an explicit ``head_dim`` that differs from
+``hidden / heads``, untied heads, dense layers among sparse ones, a sliding window.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+
+_COMMON: dict[str, Any] = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "vocab_size": 128,
+    "max_position_embeddings": 2048,
+    "rope_theta": 10000.0,
+}
+
+# name -> Hugging Face style config.json contents.
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": {**_COMMON, "model_type": "llama", "tie_word_embeddings": True},
+    "mistral": {
+        **_COMMON,
+        "model_type": "mistral",
+        "tie_word_embeddings": False,
+        "rope_theta": 1_000_000.0,
+        "sliding_window": 4096,
+    },
+    "qwen2": {**_COMMON, "model_type": "qwen2", "tie_word_embeddings": True},
+    "qwen2_untied": {**_COMMON, "model_type": "qwen2", "tie_word_embeddings": False},
+    "qwen3": {
+        **_COMMON,
+        "model_type": "qwen3",
+        "head_dim": 32,  # != hidden_size / heads: q_proj is wider than the residual
+        "tie_word_embeddings": True,
+    },
+    "qwen3_moe": {
+        **_COMMON,
+        "model_type": "qwen3_moe",
+        "head_dim": 16,
+        "tie_word_embeddings": False,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "norm_topk_prob": False,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [1],  # layer 1 stays a dense MLP
+        "moe_intermediate_size": 32,
+    },
+    "qwen3_moe_norm": {
+        **_COMMON,
+        "model_type": "qwen3_moe",
+        "head_dim": 16,
+        "tie_word_embeddings": True,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 2,  # only layer 1 is sparse
+        "mlp_only_layers": [],
+        "moe_intermediate_size": 64,
+    },
+    "mixtral": {
+        **_COMMON,
+        "model_type": "mixtral",
+        "tie_word_embeddings": False,
+        "rope_theta": 1_000_000.0,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+    },
+}
+
+
+def randomize(model: nn.Module, *, seed: int) -> nn.Module:
+    """Give norms and biases random values too, so a dropped or misplaced one shows.
+
+    Fresh modules have unit norms and zero biases, which would hide a norm applied to the
+    wrong axis or a bias never loaded. Matrices keep their fan-in scaled initialisation.
+    """
+    mx.random.seed(seed)
+    params = []
+    for name, value in tree_flatten(model.parameters()):
+        if name.endswith("norm.weight"):
+            value = 1.0 + 0.2 * mx.random.normal(value.shape)
+        elif name.endswith(".bias"):
+            value = 0.2 * mx.random.normal(value.shape)
+        else:
+            value = mx.random.normal(value.shape) * mx.std(value) if value.ndim > 1 else value
+        params.append((name, value.astype(mx.float32)))
+    model.update(tree_unflatten(params))
+    mx.eval(model.parameters())
+    return model
+
+
+def build_tiny(name: str, *, seed: int = 0) -> nn.Module:
+    """Our model for ``TINY_CONFIGS[name]``, float32, with random parameters."""
+    from mlxlm_core.models import get_model_classes
+
+    config = copy.deepcopy(TINY_CONFIGS[name])
+    model_cls, args_cls = get_model_classes(config["model_type"])
+    return randomize(model_cls(args_cls.from_dict(config)), seed=seed)
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> Callable[[str], dict[str, Any]]:
+    """``tiny_config(name)``: a fresh copy of a tiny config dict."""
+    return lambda name: copy.deepcopy(TINY_CONFIGS[name])
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Callable[..., nn.Module]:
+    """``tiny_model(name, seed=0)``: our float32 model with random parameters."""
+    return build_tiny
