@@ -1,5 +1,65 @@
-"""mlxlm-core."""
+"""mlxlm-core: load, generate and sample large language models on MLX.
+
+The public face keeps MLX-LM's names, so code written for ``mlx_lm`` ports by changing the
+import::
+
+    from mlxlm_core import load, generate
+    model, tokenizer = load()            # the default model, offline
+    print(generate(model, tokenizer, "What is the capital of France?"))
+
+Public submodules: ``mlxlm_core.models``, ``.cache``, ``.sampling``, ``.adapters``,
+``.quantize``.
+"""
+
+from ._errors import (
+    CheckpointError,
+    ContextLengthError,
+    InvalidArgumentError,
+    MlxlmError,
+    ModelNotFoundError,
+    UnsupportedError,
+)
+from ._generate import (
+    BatchResult,
+    GenerationResponse,
+    batch_generate,
+    generate,
+    generate_step,
+    stream_generate,
+)
+from ._engine import BatchGenerator, BatchResponse
+from ._loading import load, load_config, load_model, save
+from ._tokenizer import TokenizerWrapper, load_tokenizer
+from .cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
+from .sampling import make_logits_processors, make_sampler
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "BatchGenerator",
+    "BatchResponse",
+    "BatchResult",
+    "CheckpointError",
+    "ContextLengthError",
+    "GenerationResponse",
+    "InvalidArgumentError",
+    "MlxlmError",
+    "ModelNotFoundError",
+    "TokenizerWrapper",
+    "UnsupportedError",
+    "__version__",
+    "batch_generate",
+    "generate",
+    "generate_step",
+    "load",
+    "load_config",
+    "load_model",
+    "load_prompt_cache",
+    "load_tokenizer",
+    "make_logits_processors",
+    "make_prompt_cache",
+    "make_sampler",
+    "save",
+    "save_prompt_cache",
+    "stream_generate",
+]

@@ -140,7 +140,7 @@ def load(
         apply_policy(model, model.policy)
     if not lazy:
         _materialise(model, model_path)
-    tokenizer = load_tokenizer(model_path, **(tokenizer_config or {}))
+    tokenizer = load_tokenizer(model_path, tokenizer_config=tokenizer_config)
     model.model_path = model_path  # type: ignore[attr-defined]
     if return_config:
         return model, tokenizer, config

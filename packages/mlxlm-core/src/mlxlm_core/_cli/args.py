@@ -128,14 +128,9 @@ def make_sampling(args: argparse.Namespace, tokenizer: Any = None) -> dict[str, 
 def load_from_args(args: argparse.Namespace, **extra: Any) -> tuple[Any, Any]:
     from .._loading import load
 
-    tokenizer_config: dict[str, Any] = {}
-    if getattr(args, "eos_token", None):
-        tokenizer_config["eos_tokens"] = list(args.eos_token)
-    return load(
-        args.model,
-        adapter_path=args.adapter_path,
-        dtype=args.dtype,
-        revision=args.revision,
-        tokenizer_config=tokenizer_config or None,
-        **extra,
+    model, tokenizer = load(
+        args.model, adapter_path=args.adapter_path, dtype=args.dtype, revision=args.revision, **extra
     )
+    for token in getattr(args, "eos_token", None) or []:
+        tokenizer.add_eos_token(token)
+    return model, tokenizer
