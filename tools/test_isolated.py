@@ -118,11 +118,11 @@ def check_isolation(member: Member, members: list[Member], venv: Path) -> list[s
     return problems
 
 
-def run_tests(member: Member, venv: Path, args: argparse.Namespace) -> int:
+def run_tests(member: Member, venv: Path, args: argparse.Namespace) -> str:
+    """Run the package's tests in `venv`; the outcome for the summary ("ok" or "FAILED …")."""
     tests = member.path / "tests"
     if not tests.is_dir():
-        print(f"{member.name}: no tests directory ({tests})")
-        return 1
+        return f"FAILED (no tests directory {tests.relative_to(args.root)})"
     command = [
         str(venv / "bin" / "python"),
         "-P",  # keep the working directory off sys.path: only installed packages import
@@ -141,7 +141,10 @@ def run_tests(member: Member, venv: Path, args: argparse.Namespace) -> int:
         "no:cacheprovider",
         *args.pytest_args,
     ]
-    return subprocess.run(command, cwd=args.root, env=_clean_env(venv)).returncode
+    code = subprocess.run(command, cwd=args.root, env=_clean_env(venv)).returncode
+    if code == 5:  # pytest collected nothing: a package without tests is not ok
+        return "FAILED (no tests collected)"
+    return "ok" if code == 0 else f"FAILED (pytest exit {code})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,15 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.sync_only:
             results[member.name] = "ok (sync only)"
             continue
-        code = run_tests(member, venv, args)
-        elapsed = time.monotonic() - started
-        if code == 0:
-            results[member.name] = "ok"
-        elif code == 5:  # pytest: nothing collected; a package without tests is not ok
-            results[member.name] = "FAILED (no tests collected)"
-        else:
-            results[member.name] = f"FAILED (pytest exit {code})"
-        results[member.name] += f" in {elapsed:.1f} s"
+        outcome = run_tests(member, venv, args)
+        results[member.name] = f"{outcome} in {time.monotonic() - started:.1f} s"
 
     print("\n--- isolated runs")
     for name, outcome in results.items():
