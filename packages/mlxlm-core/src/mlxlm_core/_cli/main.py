@@ -6,6 +6,7 @@ own commands, and a command whose package is missing is reported with what to in
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
@@ -31,6 +32,9 @@ def _discover() -> dict[str, object]:
 
 
 def run_command(command: Command, argv: Sequence[str], *, prog: str) -> int:
+    # transformers advises installing PyTorch on import; mlxlm uses it for tokenizers only.
+    # The command (not the library) owns the process, so it may quiet that advice.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     parser = OneLineParser(prog=prog, description=command.help)
     command.add_arguments(parser)
     args = parser.parse_args(list(argv))
