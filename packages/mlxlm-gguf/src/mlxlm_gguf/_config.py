@@ -1,0 +1,165 @@
+"""GGUF llama metadata → a Hugging Face style `config.json` dictionary."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from mlxlm_core._errors import CheckpointError, UnsupportedError
+
+from ._reader import GGUFFile
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+
+def _required(f: GGUFFile, suffix: str) -> Any:
+    value = f.arch_key(suffix)
+    if value is None:
+        raise CheckpointError(f"{f.path}: missing metadata key {f.architecture}.{suffix}")
+    return value
+
+
+def _one_value(f: GGUFFile, suffix: str, value: Any) -> int:
+    """Some GGUF files store per-layer arrays; we support them only when uniform."""
+    if isinstance(value, list):
+        if len(set(value)) != 1:
+            raise UnsupportedError(f"per-layer {f.architecture}.{suffix} values are not supported")
+        value = value[0]
+    return int(value)
+
+
+def fit_llama3_rope(
+    factors: np.ndarray, *, base: float, dims: int
+) -> dict[str, float | int | str] | None:
+    """Recover Hugging Face's "llama3" rope parameters from llama.cpp's `rope_freqs`.
+
+    llama.cpp stores one divisor per frequency instead of the four numbers HF uses. For a
+    frequency of wavelength w the divisor is 1 (short wavelengths), `factor` (long ones)
+    or, between the two, 1 / ((1 - s) / factor + s) with s = a / w - b, where
+    a = L / (hi - lo) and b = lo / (hi - lo) for HF's original context L, low factor lo
+    and high factor hi. HF's formula depends on (L, lo, hi) only through a and b, so we fit
+    a and b on the middle band, fix lo = 1, and check the result reproduces every divisor.
+    Returns None when the divisors do not follow that shape.
+    """
+    factors = np.asarray(factors, dtype=np.float64)
+    wavelens = 2 * math.pi * base ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
+    if factors.shape != wavelens.shape:
+        return None
+    factor = float(factors.max())
+    if factor <= 1.0:
+        return None
+    middle = (factors > 1 + 1e-4) & (factors < factor * (1 - 1e-4))
+    if middle.sum() < 2:
+        return None
+    s = (1 / factors[middle] - 1 / factor) / (1 - 1 / factor)
+    a, neg_b = np.polyfit(1 / wavelens[middle], s, 1)
+    b = -neg_b
+    if a <= 0 or b <= 0:
+        return None
+    params = {
+        "rope_type": "llama3",
+        "factor": float(np.float32(factor)),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": float(round(1 + 1 / b, 4)),
+        "original_max_position_embeddings": round(a / b),
+    }
+    if not np.allclose(llama3_rope_divisors(params, base=base, dims=dims), factors, rtol=1e-3):
+        return None
+    return params
+
+
+def llama3_rope_divisors(params: dict[str, Any], *, base: float, dims: int) -> np.ndarray:
+    """The per-frequency divisors HF's llama3 rope applies (used to verify a fit)."""
+    factor = params["factor"]
+    lo, hi = params["low_freq_factor"], params["high_freq_factor"]
+    old = params["original_max_position_embeddings"]
+    wavelens = 2 * math.pi * base ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
+    smooth = (old / wavelens - lo) / (hi - lo)
+    out = 1 / ((1 - smooth) / factor + smooth)
+    out = np.where(wavelens < old / hi, 1.0, out)
+    return np.where(wavelens > old / lo, factor, out)
+
+
+def _rope_scaling(f: GGUFFile, rope_freqs: np.ndarray | None, *, base: float, dims: int):
+    kind = f.arch_key("rope.scaling.type")
+    factor = f.arch_key("rope.scaling.factor")
+    if kind is None and f.arch_key("rope.scale_linear") is not None:
+        kind, factor = "linear", f.arch_key("rope.scale_linear")
+    if rope_freqs is not None:
+        params = fit_llama3_rope(rope_freqs, base=base, dims=dims)
+        if params is None:
+            raise UnsupportedError("rope_freqs tensor does not follow llama3 rope scaling")
+        return params
+    if kind in (None, "none") or (kind == "linear" and factor in (None, 1.0)):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn":
+        params: dict[str, Any] = {"rope_type": "yarn", "factor": float(factor)}
+        orig = f.arch_key("rope.scaling.original_context_length")
+        if orig is not None:
+            params["original_max_position_embeddings"] = int(orig)
+        return params
+    raise UnsupportedError(f"rope scaling type {kind!r} is not supported")
+
+
+def build_config(
+    f: GGUFFile,
+    *,
+    tensor_names: set[str],
+    vocab_size: int,
+    rope_freqs: np.ndarray | None,
+) -> dict[str, Any]:
+    """The model part of config.json (quantization and import notes are added later)."""
+    arch = f.architecture
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedError(
+            f"GGUF architecture {arch or '(none)'!r} is not supported (supported: "
+            + ", ".join(SUPPORTED_ARCHITECTURES)
+            + ")"
+        )
+    hidden = int(_required(f, "embedding_length"))
+    heads = _one_value(f, "attention.head_count", _required(f, "attention.head_count"))
+    kv_heads = _one_value(
+        f, "attention.head_count_kv", f.arch_key("attention.head_count_kv", heads)
+    )
+    head_dim = int(f.arch_key("attention.key_length", hidden // heads))
+    rope_dims = int(f.arch_key("rope.dimension_count", head_dim))
+    if rope_dims != head_dim:
+        raise UnsupportedError(
+            f"partial rotary embeddings ({rope_dims} of {head_dim}) are not supported"
+        )
+    rope_theta = float(f.arch_key("rope.freq_base", 10000.0))
+    config: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "num_hidden_layers": int(_required(f, "block_count")),
+        "intermediate_size": _one_value(
+            f, "feed_forward_length", _required(f, "feed_forward_length")
+        ),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": float(_required(f, "attention.layer_norm_rms_epsilon")),
+        "rope_theta": rope_theta,
+        "max_position_embeddings": int(f.arch_key("context_length", 2048)),
+        "vocab_size": vocab_size,
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
+        "mlp_bias": "blk.0.ffn_up.bias" in tensor_names,
+    }
+    scaling = _rope_scaling(f, rope_freqs, base=rope_theta, dims=head_dim)
+    if scaling is not None:
+        config["rope_scaling"] = scaling
+    for key, name in (
+        ("bos", "bos_token_id"),
+        ("eos", "eos_token_id"),
+        ("padding", "pad_token_id"),
+    ):
+        value = f.get(f"tokenizer.ggml.{key}_token_id")
+        if value is not None:
+            config[name] = int(value)
+    return config
