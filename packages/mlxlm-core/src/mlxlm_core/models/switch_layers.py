@@ -62,12 +62,16 @@ class SwitchLinear(nn.Module):
         return self.weight.shape[1]
 
     def __call__(self, x: mx.array, indices: mx.array, *, sorted_indices: bool = False) -> mx.array:
+        dtype, weight = x.dtype, self["weight"]
+        if dtype != mx.float32 and mx.default_device() == mx.cpu:
+            # MLX's CPU gather_mm only takes float32 (0.32); compute there, hand back `dtype`.
+            x, weight = x.astype(mx.float32), weight.astype(mx.float32)
         y = mx.gather_mm(
-            x, self["weight"].swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices
+            x, weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices
         )
         if "bias" in self:
             y = y + mx.expand_dims(self["bias"][indices], -2)
-        return y
+        return y.astype(dtype)
 
     def to_quantized(
         self,
