@@ -113,7 +113,7 @@ def test_forward_shapes_and_dtypes(name: str, dtype: mx.Dtype) -> None:
 
 
 def test_cached_decode_equals_uncached_forward(arch: tuple[str, nn.Module]) -> None:
-    name, model = arch
+    model = arch[1]
     seq = toks((2, 14), seed=2)
     full = model(seq)
     cache = make_prompt_cache(model, batch_size=2)
@@ -122,7 +122,7 @@ def test_cached_decode_equals_uncached_forward(arch: tuple[str, nn.Module]) -> N
 
 
 def test_trim_then_refeed_gives_same_logits(arch: tuple[str, nn.Module]) -> None:
-    name, model = arch
+    model = arch[1]
     if model.args.sliding_window is not None:
         pytest.skip("windowed caches rotate and are not trimmable")
     prompt, more = toks((1, 10), seed=3), toks((1, 4), seed=4)
@@ -135,8 +135,8 @@ def test_trim_then_refeed_gives_same_logits(arch: tuple[str, nn.Module]) -> None
 
 
 def test_max_kv_size_bounds_every_cache(arch: tuple[str, nn.Module]) -> None:
-    name, model = arch
     """A bound holds for every architecture, through a long prompt and a long generation."""
+    model = arch[1]
     bound = 8
     cache = make_prompt_cache(model, max_kv_size=bound)
     logits = model(toks((1, 20), seed=5), cache)
@@ -215,7 +215,7 @@ def test_quantized_weights(name: str) -> None:
 
 
 def test_quantized_kv_cache_stays_close_to_float(arch: tuple[str, nn.Module]) -> None:
-    name, model = arch
+    model = arch[1]
     if model.args.sliding_window is not None:
         pytest.skip("kv_bits cannot be combined with a rotating cache")
     prompt, steps = toks((2, 10), seed=8), toks((2, 6), seed=9)
