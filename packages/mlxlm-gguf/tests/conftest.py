@@ -74,6 +74,8 @@ class Spec:
     add_bos: bool = False
     types: dict[str, Q] = field(default_factory=lambda: dict(DEFAULT_TYPES))
     rope_freqs: np.ndarray | None = None
+    # A SentencePiece vocabulary (tokens, scores, token types) instead of the byte-level BPE.
+    spm: tuple[list[str], list[float], list[int]] | None = None
 
     @property
     def head_dim(self) -> int:
@@ -152,17 +154,27 @@ def make_gguf(tmp_path: Path, bpe_vocab) -> Callable[..., Built]:
         w.add_rope_freq_base(spec.theta)
         w.add_layer_norm_rms_eps(spec.eps)
         w.add_rope_dimension_count(spec.head_dim)
+        if spec.spm is None:
+            w.add_tokenizer_model("gpt2")
+            w.add_tokenizer_pre(spec.pre)
+            w.add_token_list(tokens)
+            w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
+            w.add_token_merges(merges)
+            w.add_bos_token_id(1)
+            w.add_eos_token_id(2)
+            w.add_unk_token_id(0)
+            w.add_pad_token_id(2)
+        else:  # SentencePiece ids as llama's trainer sets them: <unk> 0, <s> 1, </s> 2
+            tokens, scores, token_types = spec.spm
+            merges = []
+            w.add_tokenizer_model("llama")
+            w.add_token_list(tokens)
+            w.add_token_scores(scores)
+            w.add_token_types(token_types)
+            w.add_bos_token_id(1)
+            w.add_eos_token_id(2)
+            w.add_unk_token_id(0)
         w.add_vocab_size(len(tokens))
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(spec.pre)
-        w.add_token_list(tokens)
-        types = [3 if t in SPECIALS else 1 for t in tokens]
-        w.add_token_types(types)
-        w.add_token_merges(merges)
-        w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
-        w.add_unk_token_id(0)
-        w.add_pad_token_id(2)
         w.add_add_bos_token(spec.add_bos)
         w.add_chat_template(CHAT_TEMPLATE)
 

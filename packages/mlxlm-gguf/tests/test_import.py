@@ -11,7 +11,7 @@ import mlxlm_gguf._import as import_module
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
-from mlxlm_core._errors import CheckpointError, InvalidArgumentError, UnsupportedError
+from mlxlm_core import CheckpointError, InvalidArgumentError, UnsupportedError
 from mlxlm_gguf import import_gguf
 
 pytestmark = pytest.mark.timeout(60)

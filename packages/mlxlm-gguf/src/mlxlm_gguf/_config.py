@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 import numpy as np
-from mlxlm_core._errors import CheckpointError, UnsupportedError
+from mlxlm_core import CheckpointError, UnsupportedError
 
 from ._reader import GGUFFile
 
@@ -81,16 +81,18 @@ def llama3_rope_divisors(params: dict[str, Any], *, base: float, dims: int) -> n
     return np.where(wavelens > old / lo, factor, out)
 
 
-def _rope_scaling(f: GGUFFile, rope_freqs: np.ndarray | None, *, base: float, dims: int):
+def _rope_scaling(
+    f: GGUFFile, rope_freqs: np.ndarray | None, *, base: float, dims: int
+) -> dict[str, Any] | None:
     kind = f.arch_key("rope.scaling.type")
     factor = f.arch_key("rope.scaling.factor")
     if kind is None and f.arch_key("rope.scale_linear") is not None:
         kind, factor = "linear", f.arch_key("rope.scale_linear")
     if rope_freqs is not None:
-        params = fit_llama3_rope(rope_freqs, base=base, dims=dims)
-        if params is None:
+        fitted = fit_llama3_rope(rope_freqs, base=base, dims=dims)
+        if fitted is None:
             raise UnsupportedError("rope_freqs tensor does not follow llama3 rope scaling")
-        return params
+        return fitted
     if kind in (None, "none") or (kind == "linear" and factor in (None, 1.0)):
         return None
     if kind == "linear":

@@ -15,7 +15,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 from gguf import GGMLQuantizationType as QType
-from mlxlm_core._errors import InvalidArgumentError
+from mlxlm_core import InvalidArgumentError
 
 from ._config import build_config
 from ._reader import GGUFFile, open_gguf
@@ -58,7 +58,7 @@ def _convert_weights(
         module, param = hf_name(t.name)
         c: Converted = convert_tensor(t)
         arrays = {param: c.weight}
-        if c.bits is not None:
+        if c.scales is not None and c.biases is not None:
             arrays |= {"scales": c.scales, "biases": c.biases}
         n_heads = next((n for suffix, n in heads.items() if module.endswith(suffix)), None)
         if n_heads is not None:

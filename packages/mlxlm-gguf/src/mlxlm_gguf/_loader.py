@@ -12,7 +12,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from mlxlm_core._errors import InvalidArgumentError, ModelNotFoundError
+from mlxlm_core import InvalidArgumentError, ModelNotFoundError
 
 from ._import import import_gguf
 from ._reader import is_gguf_file

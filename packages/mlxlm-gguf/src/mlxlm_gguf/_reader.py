@@ -15,7 +15,7 @@ from typing import Any
 import gguf
 import numpy as np
 from gguf import GGUFValueType
-from mlxlm_core._errors import CheckpointError
+from mlxlm_core import CheckpointError
 
 GGUF_MAGIC = b"GGUF"
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QType
-from mlxlm_core._errors import CheckpointError, UnsupportedError
+from mlxlm_core import CheckpointError, UnsupportedError
 
 GROUP_SIZE = 32
 # GGUF types kept as MLX affine triples, with their bit width.

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlxlm_core._errors import CheckpointError, UnsupportedError
+from mlxlm_core import CheckpointError, UnsupportedError
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from ._reader import GGUFFile
@@ -93,13 +93,14 @@ def special_tokens(f: GGUFFile, n_tokens: int) -> SpecialTokens:
 
 def _template(tokens: list[str], sp: SpecialTokens) -> processors.TemplateProcessing | None:
     """A post-processor adding BOS/EOS the way the GGUF flags ask."""
-    pre = [tokens[sp.bos_id]] if sp.add_bos and sp.bos_id is not None else []
-    post = [tokens[sp.eos_ids[0]]] if sp.add_eos and sp.eos_ids else []
-    if not pre and not post:
+    pre_ids = [sp.bos_id] if sp.add_bos and sp.bos_id is not None else []
+    post_ids = sp.eos_ids[:1] if sp.add_eos else []
+    if not pre_ids and not post_ids:
         return None
+    pre, post = [tokens[i] for i in pre_ids], [tokens[i] for i in post_ids]
     single = [f"{t}:0" for t in pre] + ["$A:0"] + [f"{t}:0" for t in post]
     pair = single + [f"{t}:1" for t in pre] + ["$B:1"] + [f"{t}:1" for t in post]
-    ids = {tokens[i]: i for i in [*([sp.bos_id] if pre else []), *(sp.eos_ids[:1] if post else [])]}
+    ids = {tokens[i]: i for i in pre_ids + post_ids}
     return processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(ids.items()))
 
 
