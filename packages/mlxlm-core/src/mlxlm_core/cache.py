@@ -426,6 +426,8 @@ def merge_caches(per_sequence: Sequence[Sequence[KVCache]]) -> list[KVCache]:
     merged: list[KVCache] = []
     for layer_caches in zip(*per_sequence):
         first = layer_caches[0]
+        if any(c.empty() for c in layer_caches):
+            raise InvalidArgumentError("cannot merge an empty cache into a batch")
         if not first.capabilities.mergeable:
             raise InvalidArgumentError(f"{type(first).__name__} cannot be batched")
         if isinstance(first, RotatingKVCache):
@@ -490,6 +492,8 @@ def save_prompt_cache(
     for i, c in enumerate(cache):
         if not c.capabilities.serialisable:
             raise InvalidArgumentError(f"{type(c).__name__} cannot be saved")
+        if c.empty():
+            raise InvalidArgumentError(f"layer {i}: an empty cache cannot be saved")
         for key, arr in tree_flatten(c.state):
             arrays[f"{i}.{key}"] = arr
     layers = [{"type": type(c).__name__, "meta": c.meta_state} for c in cache]
