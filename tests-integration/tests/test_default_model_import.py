@@ -14,6 +14,7 @@ from pathlib import Path
 import gguf
 import jinja2
 import mlx.core as mx
+import mlxlm_core
 import numpy as np
 import pytest
 from mlxlm_core._default_model import default_model_path
@@ -175,3 +176,7 @@ def test_mlx_lm_loads_the_directory_and_matches_dequantized_weights(model_dir, c
     ours, theirs = model(tokens), ref(tokens)
     np.testing.assert_allclose(np.array(ours), np.array(theirs), atol=2e-3, rtol=1e-3)
     assert (np.array(ours).argmax(-1) == np.array(theirs).argmax(-1)).all()
+
+    # mlxlm-core's own loader reads the same directory into the same function.
+    core_model, _ = mlxlm_core.load_model(model_dir)
+    np.testing.assert_allclose(np.array(core_model(tokens)), np.array(ours), atol=1e-4, rtol=1e-4)
