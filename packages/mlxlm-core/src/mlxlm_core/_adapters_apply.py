@@ -208,8 +208,5 @@ def remove_adapters(model: nn.Module) -> nn.Module:
 
 def adapter_parameters(model: nn.Module) -> dict[str, mx.array]:
     """The adapter parameters (``lora_a``, ``lora_b``, ``m``) by their full names."""
-    return {
-        name: value
-        for name, value in tree_flatten(model.parameters())
-        if name.rsplit(".", 1)[-1] in ADAPTER_PARAMETER_NAMES
-    }
+    params: dict[str, mx.array] = dict(tree_flatten(model.parameters()))
+    return {k: v for k, v in params.items() if k.rsplit(".", 1)[-1] in ADAPTER_PARAMETER_NAMES}
