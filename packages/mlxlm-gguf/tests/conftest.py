@@ -71,7 +71,7 @@ class Spec:
     arch: str = "llama"
     pre: str = "smollm"
     tied: bool = True
-    add_bos: bool = False
+    add_bos: bool | None = False  # None: leave the flag out (llama.cpp's default applies)
     types: dict[str, Q] = field(default_factory=lambda: dict(DEFAULT_TYPES))
     rope_freqs: np.ndarray | None = None
     # A SentencePiece vocabulary (tokens, scores, token types) instead of the byte-level BPE.
@@ -175,7 +175,8 @@ def make_gguf(tmp_path: Path, bpe_vocab) -> Callable[..., Built]:
             w.add_eos_token_id(2)
             w.add_unk_token_id(0)
         w.add_vocab_size(len(tokens))
-        w.add_add_bos_token(spec.add_bos)
+        if spec.add_bos is not None:
+            w.add_add_bos_token(spec.add_bos)
         w.add_chat_template(CHAT_TEMPLATE)
 
         hf: dict[str, np.ndarray] = {}

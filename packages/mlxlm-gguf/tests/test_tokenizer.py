@@ -147,6 +147,14 @@ def test_add_bos_token_flag(make_gguf, tmp_path):
     assert json.loads((out / "tokenizer_config.json").read_text())["add_bos_token"] is True
 
 
+@pytest.mark.parametrize(("pre", "adds_bos"), [("llama-bpe", True), ("smollm", False)])
+def test_missing_add_bos_flag_follows_llama_cpp_defaults(make_gguf, tmp_path, pre, adds_bos):
+    ours, out, _ = _imported(make_gguf, tmp_path, pre=pre, add_bos=None)
+    ids = ours.encode("Hello world").ids
+    assert (ids[0] == 1) is adds_bos
+    assert json.loads((out / "tokenizer_config.json").read_text())["add_bos_token"] is adds_bos
+
+
 def test_unknown_pre_tokenizer_is_refused(make_gguf, tmp_path):
     built = make_gguf(pre="made-up-pre")
     with pytest.raises(UnsupportedError, match="made-up-pre"):

@@ -27,6 +27,8 @@ _LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# llama.cpp's names for Llama 3's pre-tokenizer.
+LLAMA3_PRES = ("llama-bpe", "llama3", "llama-v3")
 
 
 def _byte_level(*, use_regex: bool) -> pre_tokenizers.ByteLevel:
@@ -45,7 +47,7 @@ def _pre_tokenizer(pre: str) -> tuple[pre_tokenizers.PreTokenizer, bool]:
         # SmolLM's tokenizer.json: single digits first, then GPT-2's byte-level regex.
         seq = [pre_tokenizers.Digits(individual_digits=True), _byte_level(use_regex=True)]
         return pre_tokenizers.Sequence(seq), False
-    if pre in ("llama-bpe", "llama3"):
+    if pre in LLAMA3_PRES:
         split = pre_tokenizers.Split(Regex(_LLAMA3_PATTERN), behavior="isolated", invert=False)
         # Llama 3 looks whole words up in the vocabulary before merging (llama.cpp agrees).
         return pre_tokenizers.Sequence([split, _byte_level(use_regex=False)]), True
@@ -80,13 +82,16 @@ def special_tokens(f: GGUFFile, n_tokens: int) -> SpecialTokens:
         if (i := tid(key)) is not None and i not in eos_ids:
             eos_ids.append(i)
     model = f.get("tokenizer.ggml.model")
+    pre = f.get("tokenizer.ggml.pre") or "default"
+    # llama.cpp's defaults when the flag is absent: SentencePiece and the Llama 3 group of
+    # BPE pre-tokenizers add BOS, other BPE tokenizers do not.
+    bos_by_default = model == "llama" or (model == "gpt2" and pre in LLAMA3_PRES)
     return SpecialTokens(
         bos_id=tid("bos"),
         eos_ids=eos_ids,
         pad_id=tid("padding"),
         unk_id=tid("unknown"),
-        # llama.cpp's defaults when the flag is absent: SentencePiece adds BOS, BPE does not.
-        add_bos=bool(f.get("tokenizer.ggml.add_bos_token", model == "llama")),
+        add_bos=bool(f.get("tokenizer.ggml.add_bos_token", bos_by_default)),
         add_eos=bool(f.get("tokenizer.ggml.add_eos_token", False)),
     )
 
