@@ -151,3 +151,19 @@ def test_left_padded_batch_matches_rows_alone(pair) -> None:
         for b in range(2):
             want = ref(steps[b : b + 1, i : i + 1], cache=ref_caches[b])
             assert max_diff(logits[b : b + 1], want) <= TOL, f"row {b}, step {i}"
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3_moe", "mixtral"])
+def test_quantized_checkpoint_loads_into_both(name: str, tiny_config, tiny_model) -> None:
+    """Our 4-bit model's parameters (QuantizedSwitchLinear included) are an mlx-lm
+    quantized checkpoint: same names, same packing, same logits."""
+    ours, ref = load_pair(name, tiny_config(name), tiny_model(name, seed=1))
+    nn.quantize(ours, group_size=32, bits=4)
+    nn.quantize(ref, group_size=32, bits=4)
+    ref.load_weights(tree_flatten(ours.parameters()), strict=True)
+    prompt = tokens((2, 9), seed=11)
+    assert max_diff(ours(prompt), ref(prompt)) <= TOL
+    our_cache, ref_c = make_prompt_cache(ours), ref_cache.make_prompt_cache(ref)
+    ours(prompt[:1], our_cache), ref(prompt[:1], cache=ref_c)
+    step = tokens((1, 1), seed=12)
+    assert max_diff(ours(step, our_cache), ref(step, cache=ref_c)) <= TOL
