@@ -46,8 +46,9 @@ class DecoderLayer(llama.DecoderLayer):
         self.block_sparse_moe = self.pop("mlp")
 
     @property
-    def mlp(self) -> SparseMoE:
-        # The shared block code and sharding helpers address the feed-forward as `mlp`.
+    def mlp(self) -> SparseMoE:  # type: ignore[override]
+        # A read-only alias: the shared block code and sharding helpers address the
+        # feed-forward as `mlp`, while the checkpoint names keep `block_sparse_moe`.
         return self.block_sparse_moe
 
 
