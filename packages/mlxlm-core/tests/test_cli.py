@@ -583,11 +583,16 @@ def test_prompt_longer_than_context(tiny: Path, cli) -> None:
         _assert_one_line_error(code, err, f"context of {CONTEXT}")
 
 
-def test_cache_prompt_needs_safetensors_name(tiny: Path, cli) -> None:
+def test_cache_prompt_bad_destination(tiny: Path, tmp_path: Path, cli) -> None:
     code, _, err = cli(
         "cache-prompt", "--model", tiny, "--prompt", PROMPT, "--prompt-cache-file", "x.bin"
     )
     _assert_one_line_error(code, err, ".safetensors")
+    nowhere = tmp_path / "missing" / "p.safetensors"
+    code, _, err = cli(
+        "cache-prompt", "--model", tiny, "--prompt", PROMPT, "--prompt-cache-file", nowhere
+    )
+    _assert_one_line_error(code, err, "no such directory")
 
 
 def test_every_command_is_registered(cli) -> None:

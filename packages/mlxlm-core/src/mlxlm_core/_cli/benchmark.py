@@ -108,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(model.model_path)
         vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
     mx.random.seed(args.seed)
-    prompts = mx.random.randint(0, vocab, (args.batch_size, args.prompt_tokens)).tolist()
+    prompts: list[list[int]] = mx.random.randint(  # type: ignore[assignment]
+        0, vocab, (args.batch_size, args.prompt_tokens)
+    ).tolist()
     cache = {
         "max_kv_size": args.max_kv_size,
         "kv_bits": args.kv_bits,

@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from .args import add_cache_args, add_model_args, load_from_args, read_prompt
@@ -59,8 +60,11 @@ def run(args: argparse.Namespace) -> int:
     from .._errors import InvalidArgumentError
     from ..cache import make_prompt_cache, save_prompt_cache
 
-    if not str(args.prompt_cache_file).endswith(".safetensors"):
+    target = Path(args.prompt_cache_file)
+    if target.suffix != ".safetensors":
         raise InvalidArgumentError("--prompt-cache-file must end in .safetensors")
+    if not target.parent.is_dir():  # fail before the slow part, not after it
+        raise InvalidArgumentError(f"{target.parent}: no such directory for --prompt-cache-file")
     text = read_prompt(args.prompt)
     model, tokenizer = load_from_args(args)
     tokens, templated = prompt_tokens(args, tokenizer, text)
@@ -97,10 +101,8 @@ def run(args: argparse.Namespace) -> int:
     }
     try:
         save_prompt_cache(args.prompt_cache_file, cache, metadata)
-    except OSError as exc:
-        raise InvalidArgumentError(
-            f"cannot write {args.prompt_cache_file}: {exc.strerror or exc}"
-        ) from None
+    except (OSError, RuntimeError) as exc:  # MLX reports I/O failures as RuntimeError
+        raise InvalidArgumentError(f"cannot write {target}: {exc}") from None
     summary = {
         "prompt_cache_file": str(args.prompt_cache_file),
         "cached_tokens": len(cached),

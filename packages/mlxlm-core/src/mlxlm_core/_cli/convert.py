@@ -62,9 +62,10 @@ def _cast(model: Any, dtype: str) -> None:
     from mlx.utils import tree_flatten, tree_unflatten
 
     target = getattr(mx, dtype)
+    params: list[tuple[str, mx.array]] = tree_flatten(model.parameters())  # type: ignore[assignment]
     changed = [
         (k, v.astype(target))
-        for k, v in tree_flatten(model.parameters())
+        for k, v in params
         if mx.issubdtype(v.dtype, mx.floating) and v.dtype != target
     ]
     if changed:
@@ -108,7 +109,10 @@ def run(args: argparse.Namespace) -> int:
         config.pop("quantization", None)
         config.pop("quantization_config", None)
         dequantize_model(model)
-    dest = save(args.mlx_path, model, tokenizer, config)
+    try:
+        dest = save(args.mlx_path, model, tokenizer, config)
+    except (OSError, RuntimeError) as exc:  # MLX reports I/O failures as RuntimeError
+        raise InvalidArgumentError(f"cannot write {args.mlx_path}: {exc}") from None
     summary = {
         "mlx_path": str(dest),
         "source": str(getattr(model, "model_path", args.model)),

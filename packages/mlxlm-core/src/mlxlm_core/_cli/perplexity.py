@@ -57,8 +57,8 @@ def evaluate_perplexity(
             on_batch(batch.shape[0])
     every = mx.concatenate(losses)
     n = every.size
-    mean = every.mean().item()
-    sd = mx.sqrt(mx.var(every, ddof=1)).item() if n > 1 else 0.0
+    mean = float(every.mean().item())  # type: ignore[arg-type]
+    sd = float(mx.sqrt(mx.var(every, ddof=1)).item()) if n > 1 else 0.0  # type: ignore[arg-type]
     ppl = math.exp(mean)
     return PerplexityResult(
         perplexity=ppl,
