@@ -134,6 +134,7 @@ def test_attributes_forward_to_the_wrapped_tokenizer(bpe):
     assert bpe.convert_ids_to_tokens(ids) == bpe.tokenizer.convert_ids_to_tokens(ids)
     assert bpe.pad_token == "<|endoftext|>"
     assert bpe("café")["input_ids"] == ids
+    assert bpe.decode(ids[0]) == bpe.decode([ids[0]]) == bpe.tokenizer.decode([ids[0]])
     with pytest.raises(AttributeError):
         bpe.no_such_attribute  # noqa: B018
 

@@ -27,7 +27,8 @@ The ``tokenizers`` library looks every id up (an added token gives its content, 
 or not; an id it does not know gives nothing), drops special tokens if asked to, and runs
 the decoder once over the whole list: added tokens go through the decoder like any other
 token. Transformers may then apply ``clean_up_tokenization_spaces`` to the whole string;
-:class:`_SpaceCleaner` streams that.
+:class:`_SpaceCleaner` streams that. Choosing the kind and building its per-id tables is
+``_detokenizer_select.py``'s job.
 """
 
 from __future__ import annotations

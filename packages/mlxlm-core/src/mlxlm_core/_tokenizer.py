@@ -31,8 +31,9 @@ class TokenizerWrapper:
     """A Hugging Face tokenizer with the extras generation needs.
 
     ``eos_token_ids`` is the set of ids that end generation: the tokenizer's own EOS,
-    ``generation_config.json``'s ``eos_token_id`` and any ids given explicitly (a superset
-    stops early on a template's end-of-turn token instead of running on). ``vocab_size`` counts
+    ``generation_config.json``'s ``eos_token_id`` and any ids given explicitly; any of them
+    stops (chat checkpoints often name their end-of-turn token only in
+    ``generation_config.json``, and missing it lets the model run on). ``vocab_size`` counts
     every id the tokenizer can produce or decode, added tokens included (Hugging Face's
     ``vocab_size`` leaves those out; ``len()`` and this agree).
     """
@@ -57,10 +58,10 @@ class TokenizerWrapper:
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
-    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
-        return self._tokenizer.decode(
-            [int(i) for i in ids], skip_special_tokens=skip_special_tokens
-        )
+    def decode(self, ids: Iterable[int] | int, *, skip_special_tokens: bool = False) -> str:
+        # ints, numpy or mx.array items alike: transformers wants plain ints
+        ids = [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
+        return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     @property
     def vocab_size(self) -> int:
@@ -119,15 +120,16 @@ class TokenizerWrapper:
         self,
         messages: Sequence[Mapping[str, Any]],
         *,
-        tools: Sequence[Mapping[str, Any]] | None = None,
+        tools: Sequence[Mapping[str, Any] | Any] | None = None,
         add_generation_prompt: bool = True,
         tokenize: bool = True,
         **template_kwargs: Any,
     ) -> list[int] | str:
         """Render one conversation with the chat template; token ids unless ``tokenize=False``.
 
-        Extra keyword arguments reach the template (``enable_thinking=False``,
-        ``continue_final_message=True``, ``documents=…``).
+        ``tools`` are JSON-schema dicts (or Python functions, which transformers describes
+        from their signature and docstring). Extra keyword arguments reach the template
+        (``enable_thinking=False``, ``continue_final_message=True``, ``documents=…``).
         """
         if not self.has_chat_template:
             raise InvalidArgumentError(
@@ -144,7 +146,7 @@ class TokenizerWrapper:
         try:
             out = self._tokenizer.apply_chat_template(
                 [dict(m) for m in messages],
-                tools=None if tools is None else [dict(t) for t in tools],
+                tools=None if tools is None else list(tools),
                 add_generation_prompt=add_generation_prompt,
                 tokenize=tokenize,
                 return_dict=False,
