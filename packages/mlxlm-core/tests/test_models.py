@@ -16,8 +16,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
-from mlxlm_core._errors import CheckpointError, UnsupportedError
-from mlxlm_core.cache import make_prompt_cache, trim_prompt_cache
+from mlxlm_core._errors import CheckpointError, InvalidArgumentError, UnsupportedError
+from mlxlm_core.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlxlm_core.models import SUPPORTED_MODEL_TYPES, get_model_classes
 from mlxlm_core.models.switch_layers import (
     QuantizedSwitchLinear,
@@ -123,10 +123,14 @@ def test_cached_decode_equals_uncached_forward(arch: tuple[str, nn.Module]) -> N
 
 def test_trim_then_refeed_gives_same_logits(arch: tuple[str, nn.Module]) -> None:
     model = arch[1]
-    if model.args.sliding_window is not None:
-        pytest.skip("windowed caches rotate and are not trimmable")
     prompt, more = toks((1, 10), seed=3), toks((1, 4), seed=4)
     cache = make_prompt_cache(model)
+    if model.args.sliding_window is not None:
+        # A window rotates its history out, so it refuses to trim instead of corrupting.
+        model(prompt, cache)
+        assert not can_trim_prompt_cache(cache)
+        assert trim_prompt_cache(cache, 4) == 0
+        return
     model(prompt, cache)
     first = model(more, cache)
     assert trim_prompt_cache(cache, 4) == 4
@@ -217,7 +221,9 @@ def test_quantized_weights(name: str) -> None:
 def test_quantized_kv_cache_stays_close_to_float(arch: tuple[str, nn.Module]) -> None:
     model = arch[1]
     if model.args.sliding_window is not None:
-        pytest.skip("kv_bits cannot be combined with a rotating cache")
+        with pytest.raises(InvalidArgumentError, match="kv_bits cannot be combined"):
+            make_prompt_cache(model, kv_bits=8, kv_group_size=32)
+        return
     prompt, steps = toks((2, 10), seed=8), toks((2, 6), seed=9)
     caches = [
         make_prompt_cache(model, batch_size=2),

@@ -11,6 +11,7 @@ Public submodules: ``mlxlm_core.models``, ``.cache``, ``.sampling``, ``.adapters
 ``.quantize``.
 """
 
+from ._engine import BatchGenerator, BatchResponse
 from ._errors import (
     CheckpointError,
     ContextLengthError,
@@ -27,7 +28,6 @@ from ._generate import (
     generate_step,
     stream_generate,
 )
-from ._engine import BatchGenerator, BatchResponse
 from ._loading import load, load_config, load_model, save
 from ._tokenizer import TokenizerWrapper, load_tokenizer
 from .cache import load_prompt_cache, make_prompt_cache, save_prompt_cache

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -184,7 +183,9 @@ class BatchGenerator:
         processors = logits_processors or [None] * count
         stops = stop_tokens or [None] * count
         uids = []
-        for prompt, limit, sampler, procs, stop in zip(prompts, limits, samplers, processors, stops):
+        for prompt, limit, sampler, procs, stop in zip(
+            prompts, limits, samplers, processors, stops
+        ):
             if not prompt:
                 raise InvalidArgumentError("empty prompt: give at least one token")
             limit = self.max_tokens if limit is None else limit
@@ -225,9 +226,10 @@ class BatchGenerator:
 
     def _admit(self) -> None:
         room = self.completion_batch_size - len(self._active)
-        batch, self._waiting = self._waiting[: min(room, self.prefill_batch_size)], self._waiting[
-            min(room, self.prefill_batch_size) :
-        ]
+        batch, self._waiting = (
+            self._waiting[: min(room, self.prefill_batch_size)],
+            self._waiting[min(room, self.prefill_batch_size) :],
+        )
         if not batch:
             return
         lengths = [len(r.prompt) for r in batch]

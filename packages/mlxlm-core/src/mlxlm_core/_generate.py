@@ -138,10 +138,18 @@ def stream_generate(
         from ._speculative import speculative_generate_step
 
         steps: Iterator[tuple[int, mx.array, bool]] = speculative_generate_step(
-            tokens, model, draft_model, max_tokens=max_tokens, num_draft_tokens=num_draft_tokens, **kwargs
+            tokens,
+            model,
+            draft_model,
+            max_tokens=max_tokens,
+            num_draft_tokens=num_draft_tokens,
+            **kwargs,
         )
     else:
-        steps = ((t, lp, False) for t, lp in generate_step(tokens, model, max_tokens=max_tokens, **kwargs))
+        steps = (
+            (t, lp, False)
+            for t, lp in generate_step(tokens, model, max_tokens=max_tokens, **kwargs)
+        )
     start = time.perf_counter()
     prompt_tps = 0.0
     n = 0
@@ -197,7 +205,9 @@ def generate(
     if verbose and last is not None:
         print()
         print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
-        print(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec")
+        print(
+            f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec"
+        )
         print(f"Peak memory: {last.peak_memory:.3f} GB")
     return "".join(text)
 

@@ -48,7 +48,9 @@ def _weight_files(model_path: Path) -> list[Path]:
             raise CheckpointError(f"{index}: invalid index ({exc})") from None
         missing = [n for n in names if not (model_path / n).exists()]
         if missing:
-            raise CheckpointError(f"{model_path}: shards listed in the index are missing: {missing}")
+            raise CheckpointError(
+                f"{model_path}: shards listed in the index are missing: {missing}"
+            )
         return [model_path / n for n in names]
     files = sorted(model_path.glob("*.safetensors"))
     files = [f for f in files if not f.name.startswith("adapters")]
@@ -193,7 +195,9 @@ def _write_shards(folder: Path, weights: dict[str, mx.array]) -> None:
         shards[-1][name] = array
         size += array.nbytes
     if len(shards) == 1:
-        mx.save_safetensors(str(folder / "model.safetensors"), shards[0], metadata={"format": "mlx"})
+        mx.save_safetensors(
+            str(folder / "model.safetensors"), shards[0], metadata={"format": "mlx"}
+        )
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):

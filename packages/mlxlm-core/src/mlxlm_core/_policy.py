@@ -43,9 +43,7 @@ def choose_policy(dtype: str = "auto") -> ExecutionPolicy:
     if dtype == "keep":
         return ExecutionPolicy(device, None, "requested")
     if dtype not in _DTYPES:
-        raise InvalidArgumentError(
-            f"dtype must be auto, keep, {', '.join(_DTYPES)}; got {dtype!r}"
-        )
+        raise InvalidArgumentError(f"dtype must be auto, keep, {', '.join(_DTYPES)}; got {dtype!r}")
     return ExecutionPolicy(device, dtype, "requested")
 
 

@@ -39,7 +39,9 @@ def resolve_model_path(reference: str | Path | None, *, revision: str | None = N
     if path.is_file():
         opened = open_with_plugins(path)
         if opened is None:
-            raise ModelNotFoundError(f"{path}: not a model directory or a file format mlxlm can open")
+            raise ModelNotFoundError(
+                f"{path}: not a model directory or a file format mlxlm can open"
+            )
         return opened
     text = str(reference)
     if not _REPO_ID.match(text) or text.startswith((".", "/", "~")):

@@ -67,8 +67,14 @@ def speculative_generate_step(
     draft_cache = make_prompt_cache(draft_model)
     if not (can_trim_prompt_cache(cache) and can_trim_prompt_cache(draft_cache)):
         raise InvalidArgumentError("speculative decoding needs trimmable caches")
-    prefill(model, prompt[None, :-1], cache, step_size=prefill_step_size,
-            progress=prompt_progress_callback, total=prompt.size)
+    prefill(
+        model,
+        prompt[None, :-1],
+        cache,
+        step_size=prefill_step_size,
+        progress=prompt_progress_callback,
+        total=prompt.size,
+    )
     prefill(draft_model, prompt[None, :-1], draft_cache, step_size=prefill_step_size)
 
     history = prompt[:-1]  # tokens both caches hold

@@ -72,6 +72,14 @@ class CachePolicy:
             raise InvalidArgumentError(f"kv_bits must be one of 2,3,4,5,6,8, got {self.kv_bits}")
 
 
+def _cat_rows(*parts: mx.array) -> mx.array:
+    return mx.concatenate(parts, axis=0)
+
+
+def _cat_time(*parts: mx.array) -> mx.array:
+    return mx.concatenate(parts, axis=2)
+
+
 def _pad_time(x: mx.array, left: int, right: int = 0) -> mx.array:
     if left == 0 and right == 0:
         return x
@@ -122,9 +130,13 @@ class KVCache:
             if self.keys is None:
                 self.keys, self.values = k_more, v_more
             else:
-                cat = lambda old, more: mx.concatenate([old[..., : self.length, :], more], axis=2)
-                self.keys = tree_map(cat, self.keys, k_more)
-                self.values = tree_map(cat, self.values, v_more)
+                filled = self.length
+
+                def grow_into(old: mx.array, more: mx.array) -> mx.array:
+                    return mx.concatenate([old[..., :filled, :], more], axis=2)
+
+                self.keys = tree_map(grow_into, self.keys, k_more)
+                self.values = tree_map(grow_into, self.values, v_more)
         end = self.length + n
 
         def write(buf: mx.array, new: mx.array) -> mx.array:
@@ -212,9 +224,8 @@ class KVCache:
             trimmed = cache._slice(stored, cache.length)
             return tree_map(lambda a: _pad_time(a, total - cache.length), trimmed)
 
-        cat = lambda a, b: mx.concatenate([a, b], axis=0)
-        self.keys = tree_map(cat, aligned(self, self.keys), aligned(other, other.keys))
-        self.values = tree_map(cat, aligned(self, self.values), aligned(other, other.values))
+        self.keys = tree_map(_cat_rows, aligned(self, self.keys), aligned(other, other.keys))
+        self.values = tree_map(_cat_rows, aligned(self, self.values), aligned(other, other.values))
         # Express both rows' starts relative to the new common slot 0.
         mine_starts = self.starts - (self.offset - self.length) + (total - mine)
         their_starts = other.starts - (other.offset - other.length) + (total - theirs)
@@ -286,18 +297,23 @@ class RotatingKVCache(KVCache):
         if self.keys is None:
             k_all, v_all = k_new, v_new
         else:
-            cat = lambda old, new: mx.concatenate([old, new], axis=2)
-            k_all, v_all = tree_map(cat, self.keys, k_new), tree_map(cat, self.values, v_new)
+            k_all, v_all = (
+                tree_map(_cat_time, self.keys, k_new),
+                tree_map(_cat_time, self.values, v_new),
+            )
         self.offset += n
         total = self.length + n
         # These n queries need the last (max_size - 1) old positions; make_mask() then limits
         # each query to its own window.
         visible = min(total, self.max_size - 1 + n)
-        tail = lambda size: (lambda a: a[..., total - size :, :])
-        k_vis, v_vis = tree_map(tail(visible), k_all), tree_map(tail(visible), v_all)
+
+        def last(size: int) -> Callable[[mx.array], mx.array]:
+            return lambda a: a[..., total - size :, :]
+
+        k_vis, v_vis = tree_map(last(visible), k_all), tree_map(last(visible), v_all)
         self.length = min(total, self.max_size)
-        self.keys = tree_map(tail(self.length), k_all)
-        self.values = tree_map(tail(self.length), v_all)
+        self.keys = tree_map(last(self.length), k_all)
+        self.values = tree_map(last(self.length), v_all)
         return k_vis, v_vis
 
     def make_mask(self, n: int, *, window: int | None = None) -> Mask:
@@ -454,9 +470,8 @@ def _merge_rotating(caches: list[RotatingKVCache]) -> RotatingKVCache:
         first_stored = end - c.length
         valid_from.append(mx.maximum(c.valid_from + shift, first_stored))
     out = RotatingKVCache(max_size=caches[0].max_size, batch_size=len(caches))
-    cat = lambda *xs: mx.concatenate(xs, axis=0)
-    out.keys = tree_map(cat, *keys)
-    out.values = tree_map(cat, *values)
+    out.keys = tree_map(_cat_rows, *keys)
+    out.values = tree_map(_cat_rows, *values)
     out.length, out.offset = length, end
     out.starts = mx.concatenate(starts)
     out.valid_from = mx.concatenate(valid_from)
@@ -472,7 +487,8 @@ def trim_prompt_cache(cache: Sequence[KVCache], num_tokens: int) -> int:
     """Drop the last ``num_tokens`` of every layer; returns how many were dropped."""
     if not can_trim_prompt_cache(cache) or not cache:
         return 0
-    return [c.trim(num_tokens) for c in cache][0]
+    dropped = [c.trim(num_tokens) for c in cache]  # every layer, not just the first
+    return dropped[0]
 
 
 # ----------------------------------------------------------------------------------------

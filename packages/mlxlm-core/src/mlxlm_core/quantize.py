@@ -62,10 +62,6 @@ class QuantSpec:
         return {"group_size": self.group_size, "bits": self.bits, "mode": self.mode}
 
 
-# Formats found in the wild that we refuse rather than misread as MLX affine weights.
-_FOREIGN_METHODS = ("fp8", "compressed-tensors", "gptq", "awq", "bitsandbytes", "modelopt", "hqq", "eetq")
-
-
 def quantization_from_config(config: dict[str, Any]) -> dict[str, Any] | None:
     """The MLX quantization block of a checkpoint config, validated, or None if float.
 
@@ -89,7 +85,7 @@ def quantization_from_config(config: dict[str, Any]) -> dict[str, Any] | None:
     if bits is None:
         raise UnsupportedError(f"quantization config without 'bits': {quant}")
     QuantSpec(bits=int(bits), group_size=int(group), mode=mode)  # validates
-    for key, value in quant.items():
+    for value in quant.values():
         if isinstance(value, dict):
             QuantSpec(
                 bits=int(value.get("bits", bits)),
@@ -135,7 +131,9 @@ def quantize_model(
     Layers whose input width is not a multiple of the group size stay in float. ``predicate``
     may refuse a layer (False) or override its spec (a dict with bits/group_size/mode).
     """
-    spec = QuantSpec(bits=bits, group_size=group_size or QUANT_MODES.get(mode, ((), (), 64))[2], mode=mode)
+    spec = QuantSpec(
+        bits=bits, group_size=group_size or QUANT_MODES.get(mode, ((), (), 64))[2], mode=mode
+    )
     config: dict[str, Any] = spec.as_config()
 
     def choose(path: str, module: nn.Module) -> bool | dict[str, Any]:

@@ -55,13 +55,18 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="parameter dtype (auto: float32 on CPU, the checkpoint's dtype on GPU)",
     )
     group.add_argument(
-        "--eos-token", action="append", default=None, help="extra end-of-sequence token (repeatable)"
+        "--eos-token",
+        action="append",
+        default=None,
+        help="extra end-of-sequence token (repeatable)",
     )
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling")
-    group.add_argument("--temp", type=non_negative_float, default=0.0, help="temperature (0: greedy)")
+    group.add_argument(
+        "--temp", type=non_negative_float, default=0.0, help="temperature (0: greedy)"
+    )
     group.add_argument("--top-p", type=probability, default=0.0, help="nucleus sampling mass")
     group.add_argument("--top-k", type=non_negative_int, default=0, help="keep the k most likely")
     group.add_argument("--min-p", type=probability, default=0.0, help="min-p relative threshold")
@@ -105,7 +110,9 @@ def make_sampling(args: argparse.Namespace, tokenizer: Any = None) -> dict[str, 
         try:
             bias = {int(k): float(v) for k, v in json.loads(args.logit_bias).items()}
         except (ValueError, AttributeError) as exc:
-            raise InvalidArgumentError(f"--logit-bias must be a JSON object of id: bias ({exc})") from None
+            raise InvalidArgumentError(
+                f"--logit-bias must be a JSON object of id: bias ({exc})"
+            ) from None
     sampler = make_sampler(
         temp=args.temp,
         top_p=args.top_p,
@@ -129,7 +136,11 @@ def load_from_args(args: argparse.Namespace, **extra: Any) -> tuple[Any, Any]:
     from .._loading import load
 
     model, tokenizer = load(
-        args.model, adapter_path=args.adapter_path, dtype=args.dtype, revision=args.revision, **extra
+        args.model,
+        adapter_path=args.adapter_path,
+        dtype=args.dtype,
+        revision=args.revision,
+        **extra,
     )
     for token in getattr(args, "eos_token", None) or []:
         tokenizer.add_eos_token(token)

@@ -66,9 +66,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     if name not in found:
         if name in _PROVIDED_BY:
-            sys.stderr.write(f"mlxlm: '{name}' needs {_PROVIDED_BY[name]}: pip install {_PROVIDED_BY[name]}\n")
+            sys.stderr.write(
+                f"mlxlm: '{name}' needs {_PROVIDED_BY[name]}: pip install {_PROVIDED_BY[name]}\n"
+            )
         else:
-            sys.stderr.write(f"mlxlm: unknown command '{name}' (known: {', '.join(sorted(found))})\n")
+            sys.stderr.write(
+                f"mlxlm: unknown command '{name}' (known: {', '.join(sorted(found))})\n"
+            )
         return 2
     command = found[name].load()  # type: ignore[attr-defined]
     return run_command(command, rest, prog=f"mlxlm {name}")

@@ -9,7 +9,9 @@ from typing import Any, ClassVar
 import mlx.core as mx
 import mlx.nn as nn
 
+from .._errors import UnsupportedError
 from ..cache import CachePolicy, KVCache
+from ._hf_config import apply_rope_parameters
 from .base import BaseModelArgs, attention, cache_mask, default_caches, rope_offset
 from .rope import make_rope
 from .sharding import shard_attention_mlp
@@ -33,10 +35,15 @@ class ModelArgs(BaseModelArgs):
     rope_scaling: dict[str, Any] | None = None
     tie_word_embeddings: bool = True
     sliding_window: int | None = None
+    rope_parameters: dict[str, Any] | None = None
+    layer_types: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        apply_rope_parameters(self)
+        if self.layer_types and len(set(self.layer_types)) > 1:
+            raise UnsupportedError("llama checkpoints that mix attention layer types")
 
 
 class Attention(nn.Module):
@@ -91,10 +98,17 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, *, attn: nn.Module | None = None, mlp: nn.Module | None = None):
+    def __init__(
+        self, args: ModelArgs, *, attn: nn.Module | None = None, mlp: nn.Module | None = None
+    ):
         super().__init__()
-        self.self_attn = attn or Attention(args)
-        self.mlp = mlp or MLP(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
+        # `is None`, not `or`: MLX modules are dicts, and an empty one is falsy.
+        self.self_attn = Attention(args) if attn is None else attn
+        self.mlp = (
+            MLP(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
+            if mlp is None
+            else mlp
+        )
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 

@@ -111,7 +111,9 @@ def _yarn(dims: int, base: float, cfg: dict[str, Any]) -> tuple[mx.array, float]
     def mscale(scale: float, m: float) -> float:
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
-    input_scale = mscale(factor, cfg.get("mscale", 1)) / mscale(factor, cfg.get("mscale_all_dim", 0))
+    input_scale = mscale(factor, cfg.get("mscale", 1)) / mscale(
+        factor, cfg.get("mscale_all_dim", 0)
+    )
     return freqs, input_scale
 
 
