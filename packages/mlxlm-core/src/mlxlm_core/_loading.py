@@ -142,7 +142,11 @@ def load(
         apply_policy(model, model.policy)
     if not lazy:
         _materialise(model, model_path)
-    tokenizer = load_tokenizer(model_path, tokenizer_config=tokenizer_config)
+    eos = config.get("eos_token_id")
+    eos_ids = [eos] if isinstance(eos, int) else [e for e in eos or [] if isinstance(e, int)]
+    tokenizer = load_tokenizer(
+        model_path, tokenizer_config=tokenizer_config, eos_token_ids=eos_ids or None
+    )
     model.model_path = model_path  # type: ignore[attr-defined]
     if return_config:
         return model, tokenizer, config

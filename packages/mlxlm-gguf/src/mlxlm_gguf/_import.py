@@ -178,7 +178,9 @@ def import_gguf(
         raise InvalidArgumentError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
-        raise InvalidArgumentError(f"{out_dir} already exists (pass overwrite=True to replace it)")
+        raise InvalidArgumentError(
+            f"{out_dir} already exists (use --overwrite, or overwrite=True, to replace it)"
+        )
     f = open_gguf(Path(gguf_path))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
