@@ -5,7 +5,6 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten, tree_map
-
 from mlxlm_core._engine import BatchGenerator
 from mlxlm_core._errors import ContextLengthError, InvalidArgumentError
 from mlxlm_core._generate import generate_step
@@ -144,7 +143,9 @@ def test_speculative_greedy_equals_plain(model):
         plain = alone(model, p, 20)
         for k in (1, 3, 5):
             spec = list(
-                speculative_generate_step(mx.array(p), model, draft, num_draft_tokens=k, max_tokens=20)
+                speculative_generate_step(
+                    mx.array(p), model, draft, num_draft_tokens=k, max_tokens=20
+                )
             )
             assert [t for t, _, _ in spec] == plain
     drafted = [d for _, _, d in speculative_generate_step(mx.array(p), model, model, max_tokens=20)]

@@ -53,6 +53,21 @@ def build_prompt(args: argparse.Namespace, tokenizer: Any, text: str) -> list[in
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra))
 
 
+def _suffix_after_cache(prompt: list[int], cached: list[int], cache: list[Any]) -> list[int]:
+    """The part of ``prompt`` the cache does not hold yet (at least one token to feed)."""
+    from .._errors import InvalidArgumentError
+    from ..cache import trim_prompt_cache
+
+    if prompt[: len(cached)] != cached:
+        raise InvalidArgumentError("the prompt does not start with the cached prompt's tokens")
+    if len(prompt) > len(cached):
+        return prompt[len(cached) :]
+    # The whole prompt is cached: give the last token back so there is something to feed.
+    if trim_prompt_cache(cache, 1) != 1:
+        raise InvalidArgumentError("the prompt equals the cached prompt and the cache cannot trim")
+    return prompt[-1:]
+
+
 def run(args: argparse.Namespace) -> int:
     import mlx.core as mx
 
@@ -69,9 +84,7 @@ def run(args: argparse.Namespace) -> int:
         prompt_cache, meta = load_prompt_cache(args.prompt_cache_file, return_metadata=True)
     prompt = build_prompt(args, tokenizer, text)
     if prompt_cache is not None:
-        cached = json.loads(meta.get("tokens", "[]"))
-        if prompt[: len(cached)] == cached:
-            prompt = prompt[len(cached) :] or prompt[-1:]
+        prompt = _suffix_after_cache(prompt, json.loads(meta.get("tokens", "[]")), prompt_cache)
     draft = None
     if args.draft_model:
         draft, _ = load(args.draft_model, dtype=args.dtype)
@@ -87,12 +100,13 @@ def run(args: argparse.Namespace) -> int:
     if draft is not None:
         options.update(draft_model=draft, num_draft_tokens=args.num_draft_tokens)
     pieces, last = [], None
-    if not args.json:
-        print("==========")
     for last in stream_generate(model, tokenizer, mx.array(prompt), **options):
-        pieces.append(last.text)
         if not args.json:
-            print(last.text, end="", flush=True)
+            # The banner comes with the first token, so an error (e.g. an over-long prompt)
+            # leaves nothing but its one line.
+            banner = "==========\n" if not pieces else ""
+            print(banner + last.text, end="", flush=True)
+        pieces.append(last.text)
     if args.json:
         result = {"text": "".join(pieces)}
         if last is not None:
@@ -106,10 +120,10 @@ def run(args: argparse.Namespace) -> int:
             )
         print(json.dumps(result))
         return 0
-    print("\n==========")
     if last is None:
         print("No tokens generated for this prompt")
         return 0
+    print("\n==========")
     print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
     print(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec")
     print(f"Peak memory: {last.peak_memory:.3f} GB")
