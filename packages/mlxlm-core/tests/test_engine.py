@@ -93,7 +93,7 @@ def test_stop_tokens_end_a_row_with_reason_stop(model):
     expected = alone(model, p, 8)
     stop = expected[3]
     engine = BatchGenerator(model, stop_tokens=frozenset({stop}))
-    (uid,) = engine.insert([p], max_tokens=8)
+    engine.insert([p], max_tokens=8)
     responses = []
     while engine.has_work:
         responses.extend(engine.next())

@@ -515,8 +515,12 @@ def save_prompt_cache(
     layers = [{"type": type(c).__name__, "meta": c.meta_state} for c in cache]
     info = {"mlxlm.layers": json.dumps(layers), **(metadata or {})}
     tmp = path.with_name(path.name + ".partial.safetensors")
-    mx.save_safetensors(str(tmp), arrays, metadata=info)
-    tmp.replace(path)
+    try:
+        mx.save_safetensors(str(tmp), arrays, metadata=info)
+        tmp.replace(path)
+    except (OSError, RuntimeError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise InvalidArgumentError(f"cannot write prompt cache {path}: {exc}") from None
 
 
 def load_prompt_cache(

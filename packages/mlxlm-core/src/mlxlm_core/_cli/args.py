@@ -132,10 +132,11 @@ def make_sampling(args: argparse.Namespace, tokenizer: Any = None) -> dict[str, 
     return {"sampler": sampler, "logits_processors": processors}
 
 
-def load_from_args(args: argparse.Namespace, **extra: Any) -> tuple[Any, Any]:
+def load_from_args(args: argparse.Namespace, **extra: Any) -> tuple[Any, ...]:
+    """``load()`` with the model group's options; ``extra`` (e.g. return_config) passes through."""
     from .._loading import load
 
-    model, tokenizer = load(
+    loaded = load(
         args.model,
         adapter_path=args.adapter_path,
         dtype=args.dtype,
@@ -143,5 +144,5 @@ def load_from_args(args: argparse.Namespace, **extra: Any) -> tuple[Any, Any]:
         **extra,
     )
     for token in getattr(args, "eos_token", None) or []:
-        tokenizer.add_eos_token(token)
-    return model, tokenizer
+        loaded[1].add_eos_token(token)
+    return loaded
