@@ -22,76 +22,12 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
 from mlxlm_core import generate, load
 from mlxlm_core._cli.main import main
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
-CHATML = (
-    "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-CORPUS = [
-    "The tide comes in twice a day and the boats go out before dawn.",
-    "A small library above the post office opens on Tuesday and Friday afternoons.",
-    "Bread needs flour, water, salt, time and a little attention.",
-    "What is the capital of France? Paris is the capital of France.",
-]
-CONTEXT = 128  # max_position_embeddings of the tiny model
+# The tiny model directory (fixture `tiny`, with its corpus and context) is in conftest.py.
 PROMPT = "tell me about the boats"
-
-
-def _build_tokenizer(folder: Path) -> int:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    tok.save(str(folder / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "chat_template": CHATML,
-        "clean_up_tokenization_spaces": False,
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return tok.get_vocab_size()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A llama model directory: random float32 weights, config.json, tokenizer files."""
-    from mlxlm_core.models import get_model_classes
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    vocab = _build_tokenizer(folder)
-    config = {
-        "model_type": "llama",
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "intermediate_size": 128,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "rms_norm_eps": 1e-5,
-        "vocab_size": vocab,
-        "max_position_embeddings": CONTEXT,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": True,
-        "torch_dtype": "float32",
-    }
-    model_cls, args_cls = get_model_classes("llama")
-    mx.random.seed(7)
-    model = model_cls(args_cls.from_dict(config))
-    weights = {k: v.astype(mx.float32) for k, v in tree_flatten(model.parameters())}
-    mx.save_safetensors(str(folder / "model.safetensors"), weights)
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
 
 
 @pytest.fixture
@@ -343,8 +279,8 @@ def _reference_perplexity(
     return ppl, ppl * losses.std(ddof=1) / math.sqrt(losses.size)
 
 
-def test_perplexity_of_a_text_file(tiny: Path, tmp_path: Path, cli) -> None:
-    text = " ".join(CORPUS * 4)
+def test_perplexity_of_a_text_file(tiny: Path, tiny_corpus: list[str], tmp_path: Path, cli) -> None:
+    text = " ".join(tiny_corpus * 4)
     data = tmp_path / "eval.txt"
     data.write_text(text)
     code, out, err = cli(
@@ -574,13 +510,14 @@ def test_negative_max_tokens(tiny: Path, cli) -> None:
 
 
 def test_prompt_longer_than_context(tiny: Path, cli) -> None:
-    long_prompt = " ".join(["boats and bread"] * CONTEXT)
+    context = json.loads((tiny / "config.json").read_text())["max_position_embeddings"]
+    long_prompt = " ".join(["boats and bread"] * context)
     for command in ("generate", "cache-prompt"):
         extra = ["--prompt-cache-file", "never.safetensors"] if command == "cache-prompt" else []
         code, _, err = cli(
             command, "--model", tiny, "--prompt", long_prompt, "--ignore-chat-template", *extra
         )
-        _assert_one_line_error(code, err, f"context of {CONTEXT}")
+        _assert_one_line_error(code, err, f"context of {context}")
 
 
 def test_cache_prompt_bad_destination(tiny: Path, tmp_path: Path, cli) -> None:
