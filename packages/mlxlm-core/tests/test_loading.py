@@ -45,8 +45,13 @@ def test_repo_id_resolves_from_the_hf_cache_offline(
 ) -> None:
     hub = tmp_path / "hub"
     fake_hub_cache(hub, "someone/tiny-llama", tiny)
+    # huggingface_hub reads its environment once, at import: set its constants as well.
+    import huggingface_hub.constants as hub_constants
+
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     model, _ = load("someone/tiny-llama")
     direct, _ = load(tiny)
     assert mx.array_equal(model(IDS), direct(IDS))
