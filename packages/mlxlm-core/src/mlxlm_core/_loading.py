@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ._errors import CheckpointError, InvalidArgumentError, MlxlmError
+from ._errors import CheckpointError, InvalidArgumentError
 from ._policy import ExecutionPolicy, apply_policy, choose_policy
 from ._resolve import resolve_model_path
 from ._tokenizer import TokenizerWrapper, load_tokenizer
@@ -216,7 +216,3 @@ def _write_shards(folder: Path, weights: dict[str, mx.array]) -> None:
 def describe_policy(model: nn.Module) -> str:
     policy: ExecutionPolicy | None = getattr(model, "policy", None)
     return policy.describe() if policy else "unknown"
-
-
-def is_user_error(exc: BaseException) -> bool:
-    return isinstance(exc, MlxlmError)

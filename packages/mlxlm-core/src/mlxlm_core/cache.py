@@ -543,6 +543,3 @@ def load_prompt_cache(
             raise CheckpointError(f"{path}: unknown cache type {layer['type']!r}")
         cache.append(cls.from_state(state, layer["meta"]))
     return (cache, info) if return_metadata else cache
-
-
-StepCallback = Callable[[int, int], None]

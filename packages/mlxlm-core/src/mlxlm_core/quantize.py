@@ -16,7 +16,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_unflatten
 
 from ._errors import UnsupportedError
 
@@ -186,8 +186,3 @@ def _dequantized_weight(module: nn.Module) -> mx.array:
         bits=module.bits,
         mode=getattr(module, "mode", "affine"),
     )
-
-
-def quantized_parameter_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters (packed weights count at their packed size)."""
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
