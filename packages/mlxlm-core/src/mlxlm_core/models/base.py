@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_map
 
 from ..cache import CachePolicy, KVCache, Mask, QuantizedKVCache, cache_for_policy
 
@@ -17,6 +18,7 @@ __all__ = [
     "attention",
     "cache_mask",
     "default_caches",
+    "layer_masks",
 ]
 
 
@@ -96,6 +98,22 @@ def cache_mask(n: int, cache: KVCache | None, *, window: int | None = None) -> M
     return "causal"
 
 
+def layer_masks(
+    n: int, caches: Sequence[KVCache | None], windows: Sequence[int | None]
+) -> list[Mask]:
+    """One mask per layer for ``n`` new tokens, built once per distinct window.
+
+    Models that mix sliding-window and global layers give each layer the mask of its own
+    window, computed from the first cache of a layer with that window (layers sharing a
+    window share a cache kind and state, hence a mask).
+    """
+    built: dict[int | None, Mask] = {}
+    for cache, window in zip(caches, windows, strict=True):
+        if window not in built:
+            built[window] = cache_mask(n, cache, window=window)
+    return [built[w] for w in windows]
+
+
 def rope_offset(cache: KVCache | None) -> int | mx.array:
     return 0 if cache is None else cache.positions()
 
@@ -108,33 +126,46 @@ def attention(
     cache: KVCache | None,
     scale: float,
     mask: Mask,
+    softcap: float | None = None,
 ) -> mx.array:
-    """Scaled dot-product attention over plain or quantized keys/values (B, H, L, D)."""
-    if isinstance(cache, QuantizedKVCache):
-        return _quantized_attention(
-            queries, keys, values, scale=scale, mask=mask, bits=cache.bits, group=cache.group_size
-        )
-    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+    """Scaled dot-product attention over plain or quantized keys/values (B, H, L, D).
+
+    ``softcap`` bounds the scores to ``(-softcap, softcap)`` with ``softcap * tanh(s /
+    softcap)`` before the softmax (Gemma 2), which the fused kernel cannot do.
+    """
+    quantized = isinstance(cache, QuantizedKVCache)
+    if not quantized and softcap is None:
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+    bits_group = (cache.bits, cache.group_size) if isinstance(cache, QuantizedKVCache) else None
+    return _explicit_attention(
+        queries, keys, values, scale=scale, mask=mask, softcap=softcap, quantized=bits_group
+    )
 
 
-def _quantized_attention(
+def _explicit_attention(
     queries: mx.array,
-    keys: tuple[mx.array, ...],
-    values: tuple[mx.array, ...],
+    keys: Any,
+    values: Any,
     *,
     scale: float,
     mask: Mask,
-    bits: int,
-    group: int,
+    softcap: float | None,
+    quantized: tuple[int, int] | None,
 ) -> mx.array:
     batch, q_heads, length, dim = queries.shape
-    kv_heads = keys[0].shape[1]
+    kv_heads = (keys[0] if quantized else keys).shape[1]
     repeats = q_heads // kv_heads
-    # Group query heads under their KV head so the quantized matmuls broadcast.
+    # Group query heads under their KV head so the matmuls broadcast.
     q = (queries * scale).reshape(batch, kv_heads, repeats, length, dim)
-    k = tuple(mx.expand_dims(a, 2) for a in keys)
-    v = tuple(mx.expand_dims(a, 2) for a in values)
-    scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group, bits=bits)
+    k = tree_map(lambda a: mx.expand_dims(a, 2), keys)
+    v = tree_map(lambda a: mx.expand_dims(a, 2), values)
+    if quantized:
+        bits, group = quantized
+        scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group, bits=bits)
+    else:
+        scores = q @ k.swapaxes(-1, -2)
+    if softcap is not None:
+        scores = mx.tanh(scores / softcap) * softcap
     if isinstance(mask, str):
         k_len = scores.shape[-1]
         q_pos = mx.arange(k_len - length, k_len)
@@ -144,5 +175,9 @@ def _quantized_attention(
             mask = mx.expand_dims(mask, 2)
         scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
     weights = mx.softmax(scores, axis=-1, precise=True)
-    out = mx.quantized_matmul(weights, *v, transpose=False, group_size=group, bits=bits)
-    return out.reshape(batch, q_heads, length, dim)
+    if quantized:
+        bits, group = quantized
+        out = mx.quantized_matmul(weights, *v, transpose=False, group_size=group, bits=bits)
+    else:
+        out = weights @ v
+    return out.reshape(batch, q_heads, length, -1)

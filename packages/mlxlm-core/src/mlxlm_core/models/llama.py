@@ -12,7 +12,7 @@ import mlx.nn as nn
 from .._errors import UnsupportedError
 from ..cache import CachePolicy, KVCache
 from ._hf_config import apply_rope_parameters
-from .base import BaseModelArgs, attention, cache_mask, default_caches, rope_offset
+from .base import BaseModelArgs, attention, default_caches, layer_masks, rope_offset
 from .rope import make_rope
 from .sharding import shard_attention_mlp
 
@@ -54,6 +54,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads = args.num_attention_heads, args.num_key_value_heads
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
+        self.softcap: float | None = None  # attention logit soft-capping (Gemma 2)
         qkv_bias = args.attention_bias if bias is None else bias
         self.q_proj = nn.Linear(dim, self.n_heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=qkv_bias)
@@ -82,7 +83,7 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        out = attention(q, k, v, cache=cache, scale=self.scale, mask=mask, softcap=self.softcap)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
 
@@ -120,12 +121,25 @@ class DecoderLayer(nn.Module):
 class DecoderStack(nn.Module):
     """Embeddings, the blocks and the final norm (``model.*`` in Hugging Face names)."""
 
-    def __init__(self, args: ModelArgs, layers: list[nn.Module]):
+    def __init__(
+        self,
+        args: ModelArgs,
+        layers: list[nn.Module],
+        *,
+        windows: Sequence[int | None] | None = None,
+    ):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = layers
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.sliding_window = args.sliding_window
+        # Each layer's sliding window (None: global); a tuple, so never taken for a parameter.
+        self.windows: tuple[int | None, ...] = (
+            tuple(windows) if windows is not None else (args.sliding_window,) * len(layers)
+        )
+
+    def embed(self, inputs: mx.array, input_embeddings: mx.array | None) -> mx.array:
+        """Token embeddings, or the caller's (a hook for models that scale them)."""
+        return input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
 
     def __call__(
         self,
@@ -133,10 +147,10 @@ class DecoderStack(nn.Module):
         cache: Sequence[KVCache] | None = None,
         input_embeddings: mx.array | None = None,
     ) -> mx.array:
-        h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
+        h = self.embed(inputs, input_embeddings)
         caches: Sequence[KVCache | None] = cache if cache is not None else [None] * len(self.layers)
-        mask = cache_mask(h.shape[1], caches[0], window=self.sliding_window)
-        for layer, layer_cache in zip(self.layers, caches):
+        masks = layer_masks(h.shape[1], caches, self.windows)
+        for layer, layer_cache, mask in zip(self.layers, caches, masks):
             h = layer(h, mask, layer_cache)
         return self.norm(h)
 
@@ -147,12 +161,16 @@ class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.model = DecoderStack(args, self.build_layers(args))
+        self.model = DecoderStack(args, self.build_layers(args), windows=self.layer_windows(args))
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def build_layers(self, args: ModelArgs) -> list[nn.Module]:
         return [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
+
+    def layer_windows(self, args: ModelArgs) -> list[int | None]:
+        """Each layer's sliding window (None: global attention); one for all by default."""
+        return [args.sliding_window] * args.num_hidden_layers
 
     def __call__(
         self,
@@ -182,13 +200,12 @@ class Model(nn.Module):
         batch_size: int = 1,
         left_padding: Sequence[int] | None = None,
     ) -> list[KVCache]:
-        window = self.args.sliding_window
         return default_caches(
             len(self.layers),
             policy,
             batch_size=batch_size,
             left_padding=left_padding,
-            windows=[window] * len(self.layers),
+            windows=self.model.windows,
         )
 
     def shard(self, group: mx.distributed.Group | None = None) -> None:
