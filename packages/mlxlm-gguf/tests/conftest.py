@@ -39,8 +39,8 @@ DEFAULT_TYPES: dict[str, Q] = {
     "attn_v": Q.Q8_0,
     "attn_output": Q.F16,
     "ffn_gate": Q.Q4_1,
-    "ffn_up": Q.Q4_0,
-    "ffn_down": Q.Q5_0,  # no MLX equivalent: must be dequantized
+    "ffn_up": Q.Q5_1,  # kept as MLX 5-bit affine
+    "ffn_down": Q.MXFP4,  # not an affine grid: must be dequantized
     "output": Q.BF16,
     "norm": Q.F32,
 }

@@ -1,4 +1,4 @@
-"""GGUF llama metadata → a Hugging Face style `config.json` dictionary."""
+"""GGUF metadata → a Hugging Face style `config.json` dictionary (import direction)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,17 @@ from typing import Any
 import numpy as np
 from mlxlm_core import CheckpointError, UnsupportedError
 
+from ._arch import ArchSpec
 from ._reader import GGUFFile
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+_HF_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
 
 
 def _required(f: GGUFFile, suffix: str) -> Any:
@@ -106,41 +114,66 @@ def _rope_scaling(
     raise UnsupportedError(f"rope scaling type {kind!r} is not supported")
 
 
+def _moe_fields(f: GGUFFile, spec: ArchSpec) -> dict[str, Any]:
+    experts = int(f.arch_key("expert_count", 0) or 0)
+    used = _one_value(f, "expert_used_count", f.arch_key("expert_used_count", 0) or 0)
+    if not 0 < used <= experts:
+        raise CheckpointError(
+            f"{f.path}: {experts} experts with {used} used per token is not a valid MoE"
+        )
+    if spec.model_type == "mixtral":
+        return {"num_local_experts": experts, "num_experts_per_tok": used}
+    ffn = f.arch_key("expert_feed_forward_length")
+    if ffn is None:
+        raise CheckpointError(f"{f.path}: missing {f.architecture}.expert_feed_forward_length")
+    # llama.cpp's qwen3moe routes through every layer and always renormalizes the top-k.
+    return {
+        "num_experts": experts,
+        "num_experts_per_tok": used,
+        "moe_intermediate_size": _one_value(f, "expert_feed_forward_length", ffn),
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+    }
+
+
 def build_config(
     f: GGUFFile,
     *,
+    spec: ArchSpec,
     tensor_names: set[str],
     vocab_size: int,
     rope_freqs: np.ndarray | None,
 ) -> dict[str, Any]:
     """The model part of config.json (quantization and import notes are added later)."""
-    arch = f.architecture
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedError(
-            f"GGUF architecture {arch or '(none)'!r} is not supported (supported: "
-            + ", ".join(SUPPORTED_ARCHITECTURES)
-            + ")"
-        )
     hidden = int(_required(f, "embedding_length"))
     heads = _one_value(f, "attention.head_count", _required(f, "attention.head_count"))
     kv_heads = _one_value(
         f, "attention.head_count_kv", f.arch_key("attention.head_count_kv", heads)
     )
+    if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
+        raise CheckpointError(f"{f.path}: {heads} heads cannot share {kv_heads} KV heads")
     head_dim = int(f.arch_key("attention.key_length", hidden // heads))
+    value_dim = int(f.arch_key("attention.value_length", head_dim))
+    if value_dim != head_dim:
+        raise UnsupportedError(f"key length {head_dim} != value length {value_dim}")
     rope_dims = int(f.arch_key("rope.dimension_count", head_dim))
     if rope_dims != head_dim:
         raise UnsupportedError(
             f"partial rotary embeddings ({rope_dims} of {head_dim}) are not supported"
         )
     rope_theta = float(f.arch_key("rope.freq_base", 10000.0))
+    ffn = f.arch_key("feed_forward_length")
+    if ffn is None and not spec.is_moe:
+        raise CheckpointError(
+            f"{f.path}: missing metadata key {f.architecture}.feed_forward_length"
+        )
     config: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [_HF_CLASSES[spec.model_type]],
+        "model_type": spec.model_type,
         "hidden_size": hidden,
         "num_hidden_layers": int(_required(f, "block_count")),
-        "intermediate_size": _one_value(
-            f, "feed_forward_length", _required(f, "feed_forward_length")
-        ),
+        "intermediate_size": _one_value(f, "feed_forward_length", ffn) if ffn is not None else 0,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
@@ -150,9 +183,14 @@ def build_config(
         "max_position_embeddings": int(f.arch_key("context_length", 2048)),
         "vocab_size": vocab_size,
         "tie_word_embeddings": "output.weight" not in tensor_names,
-        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
-        "mlp_bias": "blk.0.ffn_up.bias" in tensor_names,
     }
+    if spec.gguf_arch == "llama":
+        config["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
+        config["mlp_bias"] = "blk.0.ffn_up.bias" in tensor_names
+    if spec.is_moe:
+        config |= _moe_fields(f, spec)
+    if config["num_hidden_layers"] <= 0 or hidden <= 0 or vocab_size <= 0:
+        raise CheckpointError(f"{f.path}: non-positive model dimensions in the metadata")
     scaling = _rope_scaling(f, rope_freqs, base=rope_theta, dims=head_dim)
     if scaling is not None:
         config["rope_scaling"] = scaling

@@ -15,12 +15,16 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 from gguf import GGMLQuantizationType as QType
-from mlxlm_core import InvalidArgumentError
+from mlx.utils import tree_flatten
+from mlxlm_core import CheckpointError, InvalidArgumentError
+from mlxlm_core.models import get_model_classes
+from tokenizers import Tokenizer
 
+from ._arch import NON_PARAMETERS, ArchSpec, qk_heads, spec_for_gguf, unpermute_rows
 from ._config import build_config
 from ._reader import GGUFFile, open_gguf
-from ._tensors import GROUP_SIZE, Converted, convert_tensor, hf_name, unpermute_rows
-from ._tokenizer import build_tokenizer, write_tokenizer_files
+from ._tensors import GROUP_SIZE, Converted, convert_tensor
+from ._tokenizer import SpecialTokens, build_tokenizer, write_tokenizer_files
 
 logger = logging.getLogger("mlxlm_gguf")
 
@@ -42,35 +46,71 @@ def _to_mx(a: np.ndarray, dtype: mx.Dtype | None) -> mx.array:
 
 
 def _convert_weights(
-    f: GGUFFile, config: dict[str, Any], dtype: mx.Dtype
+    f: GGUFFile, spec: ArchSpec, config: dict[str, Any], dtype: mx.Dtype
 ) -> tuple[dict[str, mx.array], dict[str, int | None], dict[str, str]]:
     """(weights by HF name, bits per module (None = float), dequantized module → type)."""
-    heads = {
-        "self_attn.q_proj": config["num_attention_heads"],
-        "self_attn.k_proj": config["num_key_value_heads"],
-    }
     weights: dict[str, mx.array] = {}
     module_bits: dict[str, int | None] = {}
     dequantized: dict[str, str] = {}
     for t in f.tensors:
-        if t.name == "rope_freqs.weight":
+        if t.name in NON_PARAMETERS:
             continue
-        module, param = hf_name(t.name)
+        module, param = spec.hf_name(t.name)
         c: Converted = convert_tensor(t)
         arrays = {param: c.weight}
         if c.scales is not None and c.biases is not None:
             arrays |= {"scales": c.scales, "biases": c.biases}
-        n_heads = next((n for suffix, n in heads.items() if module.endswith(suffix)), None)
-        if n_heads is not None:
+        part = t.name.split(".")[2] if t.name.startswith("blk.") else ""
+        n_heads = qk_heads(
+            part, n_heads=config["num_attention_heads"], n_kv_heads=config["num_key_value_heads"]
+        )
+        if spec.rope_interleaved and n_heads is not None:
             arrays = {k: unpermute_rows(v, n_heads) for k, v in arrays.items()}
         for k, v in arrays.items():
             # Packed uint32 weights stay as they are; every float goes to `dtype`.
             weights[f"{module}.{k}"] = _to_mx(v, None if v.dtype == np.uint32 else dtype)
-        if param == "weight" and len(t.shape) == 2:
+        if param == "weight" and len(t.shape) >= 2:
             module_bits[module] = c.bits
         if c.dequantized:
             dequantized[module] = QType(t.tensor_type).name
     return weights, module_bits, dequantized
+
+
+def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of the architecture `config` describes (nothing is allocated).
+
+    MLX arrays are lazy: building the model only records shapes until something is
+    evaluated, so this costs microseconds even for a large model.
+    """
+    model_cls, args_cls = get_model_classes(config["model_type"])
+    try:
+        model = model_cls(args_cls.from_dict(config))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"metadata describes no valid {config['model_type']} ({e})") from e
+    return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+
+
+def check_tensor_shapes(f: GGUFFile, spec: ArchSpec, config: dict[str, Any]) -> None:
+    """Every tensor named and shaped as the metadata's architecture needs, before any work."""
+    expected = _expected_shapes(config)
+    seen: set[str] = set()
+    for t in f.tensors:
+        if t.name in NON_PARAMETERS:
+            continue
+        module, param = spec.hf_name(t.name)
+        name = f"{module}.{param}"
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if name not in expected:
+            raise CheckpointError(f"{f.path}: tensor {t.name} does not belong to this model")
+        if shape != expected[name]:
+            raise CheckpointError(
+                f"{f.path}: tensor {t.name} has shape {list(shape)} but the metadata "
+                f"implies {list(expected[name])}"
+            )
+        seen.add(name)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise CheckpointError(f"{f.path}: missing tensors for {missing[:3]}")
 
 
 def _quantization_block(module_bits: dict[str, int | None]) -> dict[str, Any] | None:
@@ -109,22 +149,44 @@ def _save_weights(weights: dict[str, mx.array], out: Path) -> None:
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def _build(f: GGUFFile, out: Path, dtype_name: str) -> None:
-    """Write every file of the imported model into `out` (an empty directory)."""
-    # Build the tokenizer first: an unsupported tokenizer should fail before slow work.
-    tokenizer, special = build_tokenizer(f)
-    tensors = {t.name: t for t in f.tensors}
-    rope = tensors.get("rope_freqs.weight")
-    rope_freqs = np.asarray(convert_tensor(rope).weight) if rope is not None else None
-    embed = tensors.get("token_embd.weight")
-    vocab_size = int(embed.shape[-1]) if embed is not None else len(f.get("tokenizer.ggml.tokens"))
-    config = build_config(
-        f, tensor_names=set(tensors), vocab_size=vocab_size, rope_freqs=rope_freqs
-    )
-    if len(special.eos_ids) > 1:
-        config["eos_token_id"] = special.eos_ids
+Parsed = tuple[ArchSpec, dict[str, Any], Tokenizer, SpecialTokens]
 
-    weights, module_bits, dequantized = _convert_weights(f, config, DTYPES[dtype_name])
+
+def parse_gguf(f: GGUFFile) -> Parsed:
+    """Everything import needs from the metadata, validated: (spec, config, tokenizer, ids).
+
+    No tensor data is read here (only the tensor records), so damaged metadata is
+    reported before any slow work, and this is what the fuzz test exercises.
+    """
+    try:
+        spec = spec_for_gguf(f.architecture, expert_count=int(f.arch_key("expert_count", 0) or 0))
+        # Build the tokenizer first: an unsupported tokenizer should fail before slow work.
+        tokenizer, special = build_tokenizer(f)
+        tensors = {t.name: t for t in f.tensors}
+        rope = tensors.get("rope_freqs.weight")
+        rope_freqs = np.asarray(convert_tensor(rope).weight) if rope is not None else None
+        embed = tensors.get("token_embd.weight")
+        vocab_size = (
+            int(embed.shape[-1]) if embed is not None else len(f.get("tokenizer.ggml.tokens"))
+        )
+        config = build_config(
+            f, spec=spec, tensor_names=set(tensors), vocab_size=vocab_size, rope_freqs=rope_freqs
+        )
+        if len(special.eos_ids) > 1:
+            config["eos_token_id"] = special.eos_ids
+        check_tensor_shapes(f, spec, config)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError) as e:
+        # Metadata of the wrong type or out of range (int("x"), a list where a number
+        # belongs, ...): the file is damaged, say so in one line.
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{f.path}: malformed GGUF metadata ({msg})") from e
+    return spec, config, tokenizer, special
+
+
+def _build(f: GGUFFile, parsed: Parsed, out: Path, dtype_name: str) -> None:
+    """Write every file of the imported model into `out` (an empty directory)."""
+    spec, config, tokenizer, special = parsed
+    weights, module_bits, dequantized = _convert_weights(f, spec, config, DTYPES[dtype_name])
     if quant := _quantization_block(module_bits):
         config["quantization"] = quant
         config["quantization_config"] = quant
@@ -165,8 +227,8 @@ def import_gguf(
 ) -> Path:
     """Convert a GGUF file into an MLX model directory and return that directory.
 
-    Q4_0, Q4_1 and Q8_0 tensors stay quantized (MLX affine, group size 32, the file's own
-    values); other quantized types are dequantized, which config.json's "gguf_import"
+    Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 tensors stay quantized (MLX affine, group size 32, the
+    file's own values); other quantized types are dequantized, which config.json's "gguf_import"
     block records. Scales, biases and float tensors are stored as `dtype`: float32 by
     default because MLX's CPU backend runs it ~30x faster than float16.
 
@@ -182,10 +244,11 @@ def import_gguf(
             f"{out_dir} already exists (use --overwrite, or overwrite=True, to replace it)"
         )
     f = open_gguf(Path(gguf_path))
+    parsed = parse_gguf(f)  # every metadata problem surfaces here, before anything is written
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
-        _build(f, tmp, dtype)
+        _build(f, parsed, tmp, dtype)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary directory
         _publish(tmp, out_dir, overwrite=overwrite)
     except BaseException:
