@@ -46,15 +46,47 @@ class ModelArgs(BaseModelArgs):
             raise UnsupportedError("llama checkpoints that mix attention layer types")
 
 
-class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, *, qk_norm: bool = False, bias: bool | None = None):
+class AttentionBase(nn.Module):
+    """Heads, rope, cache and attention; subclasses own the projections.
+
+    Checkpoints name and fuse their projections differently (``wqkv``, ``out_proj``, norms
+    over whole projections); :meth:`attend` is what they all share.
+    """
+
+    def __init__(self, args: ModelArgs, *, rope_dims: int | None = None):
         super().__init__()
-        dim, head_dim = args.hidden_size, args.head_dim
+        head_dim = args.head_dim
         assert head_dim is not None and args.num_key_value_heads is not None
         self.n_heads, self.n_kv_heads = args.num_attention_heads, args.num_key_value_heads
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
         self.softcap: float | None = None  # attention logit soft-capping (Gemma 2)
+        self.rope = make_rope(
+            rope_dims or head_dim,  # rope_dims < head_dim: partial rotary (GLM)
+            base=args.rope_theta,
+            traditional=args.rope_traditional,
+            scaling=args.rope_scaling,
+            max_position_embeddings=args.max_position_embeddings,
+        )
+
+    def attend(
+        self, q: mx.array, k: mx.array, v: mx.array, mask: Any, cache: KVCache | None
+    ) -> mx.array:
+        """``(B, L, heads, head_dim)`` queries/keys/values -> ``(B, L, heads * head_dim)``."""
+        batch, length = q.shape[:2]
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+        offset = rope_offset(cache)
+        q, k = self.rope(q, offset), self.rope(k, offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = attention(q, k, v, cache=cache, scale=self.scale, mask=mask, softcap=self.softcap)
+        return out.transpose(0, 2, 1, 3).reshape(batch, length, -1)
+
+
+class Attention(AttentionBase):
+    def __init__(self, args: ModelArgs, *, qk_norm: bool = False, bias: bool | None = None):
+        super().__init__(args)
+        dim, head_dim = args.hidden_size, self.head_dim
         qkv_bias = args.attention_bias if bias is None else bias
         self.q_proj = nn.Linear(dim, self.n_heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=qkv_bias)
@@ -63,13 +95,6 @@ class Attention(nn.Module):
         if qk_norm:
             self.q_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
             self.k_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
-        self.rope = make_rope(
-            head_dim,
-            base=args.rope_theta,
-            traditional=args.rope_traditional,
-            scaling=args.rope_scaling,
-            max_position_embeddings=args.max_position_embeddings,
-        )
 
     def __call__(self, x: mx.array, mask: Any, cache: KVCache | None) -> mx.array:
         batch, length, _ = x.shape
@@ -78,13 +103,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).reshape(batch, length, self.n_kv_heads, -1)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-        offset = rope_offset(cache)
-        q, k = self.rope(q, offset), self.rope(k, offset)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        out = attention(q, k, v, cache=cache, scale=self.scale, mask=mask, softcap=self.softcap)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
+        return self.o_proj(self.attend(q, k, v, mask, cache))
 
 
 class MLP(nn.Module):
