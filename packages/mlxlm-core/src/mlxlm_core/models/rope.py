@@ -15,7 +15,10 @@ import mlx.nn as nn
 
 from .._errors import UnsupportedError
 
-__all__ = ["Rope", "make_rope"]
+__all__ = ["Rope", "make_rope", "yarn_attention_scale"]
+
+# DeepSeek configs spell yarn "deepseek_yarn"; the tables are the same.
+_YARN_NAMES = ("yarn", "deepseek_yarn")
 
 
 class Rope(nn.Module):
@@ -108,13 +111,28 @@ def _yarn(dims: int, base: float, cfg: dict[str, Any]) -> tuple[mx.array, float]
     interpolated = factor * periods
     freqs = (interpolated * periods) / (interpolated * extrapolate + periods * (1 - extrapolate))
 
-    def mscale(scale: float, m: float) -> float:
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-    input_scale = mscale(factor, cfg.get("mscale", 1)) / mscale(
+    input_scale = _yarn_mscale(factor, cfg.get("mscale", 1)) / _yarn_mscale(
         factor, cfg.get("mscale_all_dim", 0)
     )
     return freqs, input_scale
+
+
+def _yarn_mscale(factor: float, m: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+
+def yarn_attention_scale(scale: float, scaling: dict[str, Any] | None) -> float:
+    """``scale`` times yarn's ``mscale_all_dim`` correction, squared (DeepSeek).
+
+    Yarn splits its magnitude correction in two: the ``mscale / mscale_all_dim`` ratio goes
+    on the rotated queries and keys (see :func:`make_rope`), and ``mscale_all_dim`` squared
+    multiplies the softmax scale; other ropes leave the scale alone.
+    """
+    scaling = scaling or {}
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind not in _YARN_NAMES or not scaling.get("mscale_all_dim"):
+        return scale
+    return scale * _yarn_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
 
 
 def _longrope(dims: int, base: float, cfg: dict[str, Any], max_len: int) -> tuple[mx.array, float]:
@@ -152,7 +170,7 @@ def make_rope(
         )
     if kind == "llama3":
         return Rope(dims, traditional=traditional, freqs=_llama3_freqs(dims, base, scaling))
-    if kind == "yarn":
+    if kind in _YARN_NAMES:
         freqs, input_scale = _yarn(dims, base, scaling)
         return Rope(dims, traditional=traditional, freqs=freqs, input_scale=input_scale)
     if kind == "longrope":
