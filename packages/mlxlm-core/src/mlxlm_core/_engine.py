@@ -130,6 +130,10 @@ class BatchResponse:
     token: int
     logprobs: mx.array
     finish_reason: str | None  # "stop" (a stop token), "length" (max tokens) or None
+    # With ``BatchGenerator(return_caches=True)``: on a finished row, its own cache (one
+    # batch-1 cache per layer) holding the prompt and every generated token, this one
+    # included, so a server can reuse it for the next request sharing that prefix.
+    cache: list[KVCache] | None = None
 
 
 @dataclass
@@ -140,6 +144,7 @@ class _Request:
     sampler: Sampler | None
     processors: Sequence[LogitsProcessor] | None
     stop_tokens: frozenset[int]
+    cache: list[KVCache] | None = None  # a batch-1 cache already holding a prompt prefix
     generated: int = 0
 
 
@@ -160,6 +165,7 @@ class BatchGenerator:
     max_kv_size: int | None = None
     kv_bits: int | None = None
     kv_group_size: int = 64
+    return_caches: bool = False
     _waiting: list[_Request] = field(default_factory=list)
     _active: list[_Request] = field(default_factory=list)
     _cache: list[KVCache] | None = None
@@ -175,16 +181,23 @@ class BatchGenerator:
         samplers: Sequence[Sampler | None] | None = None,
         logits_processors: Sequence[Sequence[LogitsProcessor] | None] | None = None,
         stop_tokens: Sequence[Sequence[int] | None] | None = None,
+        caches: Sequence[list[KVCache] | None] | None = None,
     ) -> list[int]:
-        """Queue prompts (token ids); returns their uids in order."""
+        """Queue prompts (token ids); returns their uids in order.
+
+        ``caches[i]``, if given, is a batch-1 prompt cache (one per layer) that already holds
+        the first ``n`` tokens of ``prompts[i]`` (``n = cache[0].offset``, fewer than the
+        prompt's length): only the rest is prefilled. The engine takes ownership of it.
+        """
         count = len(prompts)
         limits = max_tokens if isinstance(max_tokens, Sequence) else [max_tokens] * count
         samplers = samplers or [None] * count
         processors = logits_processors or [None] * count
         stops = stop_tokens or [None] * count
+        given = caches or [None] * count
         uids = []
-        for prompt, limit, sampler, procs, stop in zip(
-            prompts, limits, samplers, processors, stops
+        for prompt, limit, sampler, procs, stop, cache in zip(
+            prompts, limits, samplers, processors, stops, given
         ):
             if not prompt:
                 raise InvalidArgumentError("empty prompt: give at least one token")
@@ -192,8 +205,13 @@ class BatchGenerator:
             if limit < 0:
                 raise InvalidArgumentError(f"max_tokens must be >= 0, got {limit}")
             check_context(self.model, len(prompt), bounded=self.max_kv_size is not None)
+            if cache is not None and not 0 < cache[0].offset < len(prompt):
+                raise InvalidArgumentError(
+                    f"a prefix cache must hold 1 to {len(prompt) - 1} tokens of its prompt, "
+                    f"got {cache[0].offset}"
+                )
             stop_set = self.stop_tokens if stop is None else frozenset(stop)
-            req = _Request(self._next_uid, list(prompt), limit, sampler, procs, stop_set)
+            req = _Request(self._next_uid, list(prompt), limit, sampler, procs, stop_set, cache)
             self._next_uid += 1
             uids.append(req.uid)
             if limit > 0:  # a request for zero tokens is complete as soon as it is made
@@ -232,6 +250,40 @@ class BatchGenerator:
         )
         if not batch:
             return
+        # Prompts with a prefix cache continue it one at a time (their caches differ in
+        # length); the others are prefilled together, left-padded. Then all rows merge.
+        fresh = [r for r in batch if r.cache is None]
+        cached = [r for r in batch if r.cache is not None]
+        batch = fresh + cached
+        parts = [self._prefill_fresh(fresh)] if fresh else []
+        parts += [self._prefill_cached(r) for r in cached]
+        if len(parts) == 1:
+            cache, sampling, first = parts[0]
+        else:
+            cache = merge_caches([p[0] for p in parts])
+            sampling = Sampling()
+            for p in parts:
+                sampling.rows.extend(p[1].rows)
+            first = (
+                mx.concatenate([p[2][0] for p in parts]),
+                mx.concatenate([p[2][1] for p in parts]),
+            )
+        if self._cache is None:
+            self._cache, self._current = cache, first
+            self._sampling = sampling
+        else:
+            assert self._current is not None
+            self._cache = merge_caches([self._cache, cache])
+            self._current = (
+                mx.concatenate([self._current[0], first[0]]),
+                mx.concatenate([self._current[1], first[1]]),
+            )
+            self._sampling.rows.extend(sampling.rows)
+        self._active.extend(batch)
+
+    def _prefill_fresh(
+        self, batch: list[_Request]
+    ) -> tuple[list[KVCache], Sampling, tuple[mx.array, mx.array]]:
         lengths = [len(r.prompt) for r in batch]
         longest = max(lengths)
         pads = [longest - n for n in lengths]
@@ -248,19 +300,28 @@ class BatchGenerator:
         sampling = Sampling()
         for r in batch:
             sampling.add(mx.array(r.prompt[:-1]), r.sampler, r.processors)
-        first = decode_step(self.model, tokens[:, -1:], cache, sampling)
-        if self._cache is None:
-            self._cache, self._current = cache, first
-            self._sampling = sampling
-        else:
-            assert self._current is not None
-            self._cache = merge_caches([self._cache, cache])
-            self._current = (
-                mx.concatenate([self._current[0], first[0]]),
-                mx.concatenate([self._current[1], first[1]]),
-            )
-            self._sampling.rows.extend(sampling.rows)
-        self._active.extend(batch)
+        return cache, sampling, decode_step(self.model, tokens[:, -1:], cache, sampling)
+
+    def _prefill_cached(
+        self, req: _Request
+    ) -> tuple[list[KVCache], Sampling, tuple[mx.array, mx.array]]:
+        cache, req.cache = req.cache, None
+        assert cache is not None
+        tokens = mx.array([req.prompt[cache[0].offset :]])
+        prefill(self.model, tokens[:, :-1], cache, step_size=self.prefill_step_size)
+        sampling = Sampling()
+        sampling.add(mx.array(req.prompt[:-1]), req.sampler, req.processors)
+        return cache, sampling, decode_step(self.model, tokens[:, -1:], cache, sampling)
+
+    def _row_cache(self, row: int) -> list[KVCache]:
+        """A batch-1 copy of one row's cache, its padding dropped."""
+        assert self._cache is not None
+        out = []
+        for c in self._cache:
+            copy = type(c).from_state(c.state, c.meta_state)
+            copy.filter([row])
+            out.append(copy)
+        return out
 
     def next(self) -> list[BatchResponse]:
         """Advance every active request by one token."""
@@ -283,7 +344,8 @@ class BatchGenerator:
                 reason = "length"
             else:
                 keep.append(i)
-            responses.append(BatchResponse(req.uid, token, logprobs[i], reason))
+            row_cache = self._row_cache(i) if reason and self.return_caches else None
+            responses.append(BatchResponse(req.uid, token, logprobs[i], reason, row_cache))
         self._current = upcoming
         if len(keep) != len(self._active):
             self._keep_rows(keep)
