@@ -79,7 +79,63 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         "num_local_experts": 4,
         "num_experts_per_tok": 2,
     },
+    # Gemma 1 (MQA, head_dim != hidden / heads). mlx-lm runs Gemma 1 with the exact GELU,
+    # which transformers only uses when `hidden_activation` says so explicitly.
+    "gemma": {
+        **_COMMON,
+        "model_type": "gemma",
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+        "rms_norm_eps": 1e-6,
+        "hidden_activation": "gelu",
+    },
+    # Gemma 2: caps small enough to bend the scores/logits; mlx-lm's gemma2 never windows,
+    # so the window (layers 0 and 2) is wider than the sequences compared with it.
+    "gemma2": {
+        **_COMMON,
+        "model_type": "gemma2",
+        "num_hidden_layers": 4,
+        "head_dim": 32,
+        "rms_norm_eps": 1e-6,
+        "query_pre_attn_scalar": 24,
+        "attn_logit_softcapping": 10.0,
+        "final_logit_softcapping": 5.0,
+        "sliding_window": 32,
+    },
+    # Gemma 3: layers 0, 1, 3 slide over 6 tokens with the local rope base, layer 2 is
+    # global with linear-scaled rope.
+    "gemma3_text": {
+        **_COMMON,
+        "model_type": "gemma3_text",
+        "num_hidden_layers": 4,
+        "head_dim": 32,
+        "rms_norm_eps": 1e-6,
+        "query_pre_attn_scalar": 24,
+        "sliding_window": 6,
+        "sliding_window_pattern": 3,
+        "rope_theta": 1_000_000.0,
+        "rope_local_base_freq": 10_000.0,
+        "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+    },
 }
+
+# Further families, each shaped like its real config (small widths, few layers).
+_MORE_FAMILIES: dict[str, dict[str, Any]] = {
+    "qwen2_moe": {
+        **_COMMON,
+        "model_type": "qwen2_moe",
+        "tie_word_embeddings": False,
+        "rope_theta": 1_000_000.0,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 96,
+        "norm_topk_prob": False,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+    },
+}
+TINY_CONFIGS.update(_MORE_FAMILIES)
 
 
 def randomize(model: nn.Module, *, seed: int) -> nn.Module:

@@ -26,6 +26,10 @@ _MODULES: dict[str, str] = {
     "qwen3": "qwen3",
     "qwen3_moe": "qwen3_moe",
     "mixtral": "mixtral",
+    "gemma": "gemma",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3_text",
+    "qwen2_moe": "qwen2_moe",
 }
 
 

@@ -1,0 +1,340 @@
+"""Unit tests of the Gemma, Phi, StarCoder2, GPT-2, GPT-NeoX and Cohere architectures.
+
+Tiny random configs, float32 unless stated. References are independent computations:
+the same model without a cache, a cropped input for sliding windows, float weights for the
+quantized twins, the unfused adapter for the fused one, the definition of a formula.
+Logits parity with the published mlx-lm is tests-integration/tests/test_model_parity_zoo_a.py.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+from mlxlm_core.adapters import adapter_parameters, apply_lora_layers, fuse_adapters
+from mlxlm_core.cache import (
+    QuantizedKVCache,
+    can_trim_prompt_cache,
+    make_prompt_cache,
+    trim_prompt_cache,
+)
+from mlxlm_core.models import SUPPORTED_MODEL_TYPES, get_model_classes
+from mlxlm_core.models.base import attention
+
+_COMMON: dict[str, Any] = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-6,
+    "vocab_size": 128,
+}
+WINDOW = 6
+CONFIGS: dict[str, dict[str, Any]] = {
+    "gemma": {**_COMMON, "model_type": "gemma", "head_dim": 32},
+    "gemma2": {
+        **_COMMON,
+        "model_type": "gemma2",
+        "num_hidden_layers": 4,
+        "head_dim": 32,
+        "query_pre_attn_scalar": 24,
+        "attn_logit_softcapping": 10.0,
+        "final_logit_softcapping": 5.0,
+        "sliding_window": WINDOW,
+    },
+    "gemma3_text": {
+        **_COMMON,
+        "model_type": "gemma3_text",
+        "num_hidden_layers": 4,
+        "head_dim": 32,
+        "query_pre_attn_scalar": 24,
+        "sliding_window": WINDOW,
+        "sliding_window_pattern": 3,
+        "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+    },
+}
+ARCHS = list(CONFIGS)
+SCALE = 4.0  # LoRA scale
+
+
+def build(name: str, *, seed: int = 0, **overrides: Any) -> nn.Module:
+    config = {**copy.deepcopy(CONFIGS[name]), **overrides}
+    model_cls, args_cls = get_model_classes(config["model_type"])
+    mx.random.seed(seed)
+    model = model_cls(args_cls.from_dict(config))
+    # Random norms and biases: fresh ones (ones/zeros) would hide misplaced ones.
+    params = []
+    for key, value in tree_flatten(model.parameters()):
+        if key.endswith(".bias") or "norm" in key or ".ln_" in key:
+            value = mx.random.normal(value.shape) * 0.2 + (0.0 if key.endswith("bias") else 1.0)
+        params.append((key, value))
+    model.update(tree_unflatten(params))
+    mx.eval(model.parameters())
+    return model
+
+
+def windows(model: nn.Module) -> list[int | None]:
+    return [getattr(c, "max_size", None) for c in make_prompt_cache(model)]
+
+
+def toks(shape: tuple[int, ...], seed: int = 0) -> mx.array:
+    return mx.array(np.random.default_rng(seed).integers(0, 128, size=shape))
+
+
+def max_diff(a: mx.array, b: mx.array) -> float:
+    return float(mx.max(mx.abs(a.astype(mx.float32) - b.astype(mx.float32))).item())
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch(request: pytest.FixtureRequest) -> tuple[str, nn.Module]:
+    return request.param, build(request.param, seed=ARCHS.index(request.param))
+
+
+def test_registered() -> None:
+    assert {CONFIGS[n]["model_type"] for n in ARCHS} <= set(SUPPORTED_MODEL_TYPES)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+@pytest.mark.parametrize("name", ARCHS)
+def test_forward_shapes_and_dtypes(name: str, dtype: mx.Dtype) -> None:
+    model = build(name)
+    model.set_dtype(dtype)
+    cache = make_prompt_cache(model, batch_size=2)
+    logits = model(toks((2, 5)), cache)
+    assert logits.shape == (2, 5, 128) and logits.dtype == dtype
+    step = model(toks((2, 1), seed=1), cache)
+    assert step.shape == (2, 1, 128) and bool(mx.all(mx.isfinite(step)).item())
+    assert all(c.size() == 6 for c in cache)
+
+
+def test_cached_decode_equals_uncached_forward(arch: tuple[str, nn.Module]) -> None:
+    """Also the per-layer masks: 14 tokens outgrow the 6-token windows."""
+    model = arch[1]
+    seq = toks((2, 14), seed=2)
+    full = model(seq)
+    cache = make_prompt_cache(model, batch_size=2)
+    parts = [model(seq[:, :9], cache)] + [model(seq[:, i : i + 1], cache) for i in range(9, 14)]
+    assert max_diff(mx.concatenate(parts, axis=1), full) <= 1e-4
+
+
+def test_trim_then_refeed_gives_same_logits(arch: tuple[str, nn.Module]) -> None:
+    model = arch[1]
+    prompt, more = toks((1, 10), seed=3), toks((1, 4), seed=4)
+    cache = make_prompt_cache(model)
+    model(prompt, cache)
+    if any(w is not None for w in windows(model)):
+        # A window rotates its history out, so it refuses to trim instead of corrupting.
+        assert not can_trim_prompt_cache(cache) and trim_prompt_cache(cache, 4) == 0
+        return
+    first = model(more, cache)
+    assert trim_prompt_cache(cache, 4) == 4
+    assert all(c.size() == 10 for c in cache)
+    assert max_diff(model(more, cache), first) <= 1e-5
+
+
+def test_max_kv_size_bounds_every_cache(arch: tuple[str, nn.Module]) -> None:
+    model = arch[1]
+    bound = 8
+    cache = make_prompt_cache(model, max_kv_size=bound)
+    logits = model(toks((1, 20), seed=5), cache)
+    assert all(c.size() <= bound for c in cache)
+    for _ in range(30):
+        logits = model(mx.argmax(logits[:, -1:], axis=-1), cache)
+        assert all(c.size() <= bound for c in cache)
+    assert bool(mx.all(mx.isfinite(logits)).item())
+
+
+WINDOWED = [n for n in ARCHS if CONFIGS[n].get("sliding_window")]
+
+
+@pytest.mark.parametrize("name", WINDOWED)
+def test_sliding_window_matches_cropped_input(name: str) -> None:
+    """With one (sliding) layer, position t sees exactly tokens t-w+1..t; rope is relative,
+    so the cropped input's last logits equal position t of the windowed run."""
+    model = build(name, num_hidden_layers=1)
+    assert windows(model) == [WINDOW]
+    seq = toks((1, 17), seed=6)
+    full = model(seq)
+    cache = make_prompt_cache(model)
+    cached = mx.concatenate(
+        [model(seq[:, :10], cache)] + [model(seq[:, i : i + 1], cache) for i in range(10, 17)],
+        axis=1,
+    )
+    assert all(c.size() <= WINDOW for c in cache)
+    for t in range(WINDOW - 1, 17):
+        crop = model(seq[:, t - WINDOW + 1 : t + 1])[:, -1]
+        assert max_diff(full[:, t], crop) <= 1e-4, t
+        assert max_diff(cached[:, t], crop) <= 1e-4, t
+
+
+def dequantized_copy(name: str, quantized: nn.Module) -> nn.Module:
+    """A float model holding exactly the values the quantized model computes with."""
+    weights = dict(tree_flatten(quantized.parameters()))
+    for path, module in quantized.named_modules():
+        if "scales" in module:
+            prefix = f"{path}." if path else ""
+            for leaf in ("scales", "biases"):
+                weights.pop(prefix + leaf, None)
+            weights[prefix + "weight"] = mx.dequantize(
+                module["weight"],
+                module["scales"],
+                module.get("biases"),
+                group_size=module.group_size,
+                bits=module.bits,
+                mode=module.mode,
+            )
+    model = build(name)
+    model.load_weights(list(weights.items()), strict=True)
+    return model
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_quantized_weights(name: str) -> None:
+    """Exactly the dequantized float model; close to the original (8 bits, groups of 32:
+    within 5% in relative L2 norm; random tiny models with sandwich norms and sharp softmaxes
+    amplify the ~0.7% per-weight error, a broken layout gives ~100%). Routers are made
+    decisive, as trained ones are."""
+    model = build(name)
+    decisive = [(k, 10 * v) for k, v in tree_flatten(model.parameters()) if ".gate.weight" in k]
+    model.load_weights(decisive, strict=False)
+    seq = toks((1, 12), seed=7)
+    want = model(seq)
+    nn.quantize(model, group_size=32, bits=8)
+    kinds = {type(m).__name__ for _, m in model.named_modules()}
+    assert not kinds & {"Linear", "Embedding", "SwitchLinear"}
+    got = model(seq, make_prompt_cache(model))
+    assert max_diff(got, dequantized_copy(name, model)(seq)) <= 1e-4
+    assert float((mx.linalg.norm(got - want) / mx.linalg.norm(want)).item()) <= 0.05
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_lora_adapter_changes_logits_and_fuses(name: str) -> None:
+    model = build(name)
+    seq = toks((1, 9), seed=8)
+    base = model(seq)
+    apply_lora_layers(model, num_layers=0, rank=4, scale=SCALE)  # every block, every layer
+    assert max_diff(model(seq), base) <= 1e-5  # lora_b starts at zero
+    mx.random.seed(9)
+    trained = [
+        (k, 0.05 * mx.random.normal(v.shape))
+        for k, v in adapter_parameters(model).items()
+        if k.endswith("lora_b")
+    ]
+    model.update(tree_unflatten(trained))
+    adapted = model(seq)
+    assert max_diff(adapted, base) > 1e-2
+    fuse_adapters(model)
+    assert not adapter_parameters(model)
+    assert max_diff(model(seq), adapted) <= 1e-4
+
+
+def test_shard_on_a_single_rank_keeps_logits(arch: tuple[str, nn.Module]) -> None:
+    name, model = arch
+    seq = toks((1, 6), seed=10)
+    want = model(seq)
+    clone = build(name)
+    clone.update(model.parameters())
+    clone.shard(mx.distributed.init())
+    assert max_diff(clone(seq), want) <= 1e-5
+
+
+# -- Gemma ----------------------------------------------------------------------------------
+
+
+def _args(name: str, **overrides: Any) -> Any:
+    config = {**copy.deepcopy(CONFIGS[name]), **overrides}
+    return get_model_classes(config["model_type"])[1].from_dict(config)
+
+
+def test_gemma_gelu_is_the_tanh_approximation_unless_stated() -> None:
+    assert _args("gemma").activation_name == "gelu_pytorch_tanh"
+    assert _args("gemma", hidden_act="gelu").activation_name == "gelu_pytorch_tanh"  # legacy
+    assert _args("gemma", hidden_activation="gelu").activation_name == "gelu"
+    x = mx.array([-2.0, -0.5, 1.0, 3.0])
+    layer = build("gemma").layers[0].mlp
+    tanh_gelu = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+    assert max_diff(layer.act(x), tanh_gelu) <= 1e-6
+
+
+def test_gemma_embeddings_scaled_and_norms_offset_from_one() -> None:
+    model = build("gemma")
+    ids = toks((1, 3), seed=11)
+    emb = model.model.embed_tokens(ids)
+    assert max_diff(model.model.embed(ids, None), emb * 8.0) <= 1e-6  # sqrt(64)
+    norm = model.model.norm
+    x = mx.random.normal((2, 64))
+    want = x / mx.sqrt(mx.mean(x * x, axis=-1, keepdims=True) + norm.eps) * (1 + norm.weight)
+    assert max_diff(norm(x), want) <= 1e-5
+
+
+def test_gemma2_layer_types_and_windows() -> None:
+    assert _args("gemma2").layer_types == ["sliding_attention", "full_attention"] * 2
+    assert windows(build("gemma2")) == [WINDOW, None, WINDOW, None]
+    explicit = ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    assert windows(build("gemma2", layer_types=explicit)) == [None, WINDOW, WINDOW, None]
+    assert windows(build("gemma2", sliding_window=None)) == [None] * 4
+
+
+def test_gemma2_final_logits_stay_inside_the_cap() -> None:
+    logits = build("gemma2")(toks((2, 10), seed=12))
+    assert float(mx.max(mx.abs(logits)).item()) < 5.0
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "quantized-kv"])
+def test_softcapped_attention_matches_its_definition(quantized: bool) -> None:
+    """GQA attention with tanh-capped scores and a padded mask, recomputed in float64 numpy
+    (on the dequantized keys/values when the cache stores them quantized)."""
+    rng = np.random.default_rng(13)
+    q = mx.array(rng.normal(size=(2, 4, 3, 32)).astype(np.float32))
+    k = mx.array(rng.normal(size=(2, 2, 7, 32)).astype(np.float32)) * 3
+    v = mx.array(rng.normal(size=(2, 2, 7, 32)).astype(np.float32))
+    mask = mx.array(rng.random((2, 1, 3, 7)) > 0.3) | (mx.arange(7) == 6)
+    cache, keys, values = None, k, v
+    if quantized:
+        cache = QuantizedKVCache(bits=8, group_size=32)
+        keys, values = (tuple(mx.quantize(a, group_size=32, bits=8)) for a in (k, v))
+        k, v = (mx.dequantize(*a, group_size=32, bits=8) for a in (keys, values))
+    out = attention(q, keys, values, cache=cache, scale=0.2, mask=mask, softcap=2.0)
+    qn, kn, vn = (
+        np.repeat(np.array(a, np.float64), r, axis=1) for a, r in ((q, 1), (k, 2), (v, 2))
+    )
+    scores = 2.0 * np.tanh(0.2 * qn @ kn.swapaxes(-1, -2) / 2.0)
+    scores = np.where(np.array(mask), scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    want = (weights / weights.sum(-1, keepdims=True)) @ vn
+    np.testing.assert_allclose(np.array(out), want, atol=1e-5)
+
+
+def test_gemma_residual_is_clipped_in_float16() -> None:
+    from mlxlm_core.models.gemma2 import add_residual
+
+    big = mx.array([60000.0, -60000.0, 1.0], dtype=mx.float16)
+    out = add_residual(big, big)
+    assert out.dtype == mx.float16 and bool(mx.all(mx.isfinite(out)).item())
+    assert out.tolist() == [65504.0, -65504.0, 2.0]
+
+
+def test_gemma3_reads_layer_types_and_nested_rope_parameters() -> None:
+    args = _args(
+        "gemma3_text",
+        num_hidden_layers=7,
+        sliding_window_pattern=6,
+        rope_scaling=None,
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 5e5},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 5e3},
+        },
+    )
+    assert args.layer_types == ["sliding_attention"] * 5 + ["full_attention", "sliding_attention"]
+    assert (args.rope_theta, args.rope_local_base_freq) == (5e5, 5e3)
+    assert args.rope_scaling["factor"] == 8.0
+    model = build("gemma3_text")
+    local, glob = model.layers[0].self_attn.rope, model.layers[2].self_attn.rope
+    assert (local.base, local.scale) == (10_000.0, 1.0)
+    assert (glob.base, glob.scale) == (1_000_000.0, 0.5)
