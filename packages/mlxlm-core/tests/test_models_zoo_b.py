@@ -1,0 +1,253 @@
+"""Unit tests of further architectures (tiny random configs, float32 unless stated).
+
+Every architecture goes through the same checks as test_models.py's: shapes in float32 and
+float16, cached decode against the uncached forward, trimming, a ``max_kv_size`` bound,
+quantized weights against the float model holding the dequantized values, a LoRA adapter
+(it changes the logits; fused equals unfused) and sharding over one rank. Features that
+mlx-lm does not implement (and so tests-integration cannot compare) are checked here
+against float64 numpy written from transformers' definitions.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+from mlxlm_core.adapters import adapter_parameters, apply_lora_layers, fuse_adapters
+from mlxlm_core.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlxlm_core.models import SUPPORTED_MODEL_TYPES, get_model_classes
+
+_COMMON: dict[str, Any] = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "vocab_size": 128,
+    "max_position_embeddings": 256,
+    "rope_theta": 10000.0,
+}
+CONFIGS: dict[str, dict[str, Any]] = {
+    "qwen2_moe": {
+        **_COMMON,
+        "model_type": "qwen2_moe",
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 96,
+        "norm_topk_prob": True,
+        "mlp_only_layers": [1],
+    },
+}
+ARCHS = list(CONFIGS)
+
+
+def build(name: str, *, seed: int = 0, **overrides: Any) -> nn.Module:
+    config = {**copy.deepcopy(CONFIGS[name]), **overrides}
+    model_cls, args_cls = get_model_classes(config["model_type"])
+    mx.random.seed(seed)
+    model = model_cls(args_cls.from_dict(config))
+    # Constant vectors (norms, biases) get random values: ones/zeros would hide misuse.
+    params = [
+        (k, v + 0.2 * mx.random.normal(v.shape) if v.ndim == 1 else v)
+        for k, v in tree_flatten(model.parameters())
+    ]
+    model.update(tree_unflatten(params))
+    mx.eval(model.parameters())
+    return model
+
+
+def toks(shape: tuple[int, ...], seed: int = 0) -> mx.array:
+    return mx.array(np.random.default_rng(seed).integers(0, 128, size=shape))
+
+
+def max_diff(a: mx.array, b: mx.array) -> float:
+    return float(mx.max(mx.abs(a.astype(mx.float32) - b.astype(mx.float32))).item())
+
+
+def rel_diff(a: mx.array, b: mx.array) -> float:
+    return max_diff(a, b) / float(mx.max(mx.abs(b)).item())
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch(request: pytest.FixtureRequest) -> tuple[str, nn.Module]:
+    return request.param, build(request.param, seed=ARCHS.index(request.param))
+
+
+def test_every_architecture_is_registered() -> None:
+    assert {c["model_type"] for c in CONFIGS.values()} <= set(SUPPORTED_MODEL_TYPES)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+@pytest.mark.parametrize("name", ARCHS)
+def test_forward_shapes_and_dtypes(name: str, dtype: mx.Dtype) -> None:
+    model = build(name)
+    model.set_dtype(dtype)
+    cache = make_prompt_cache(model, batch_size=2)
+    logits = model(toks((2, 5)), cache)
+    assert logits.shape == (2, 5, 128) and logits.dtype == dtype
+    step = model(toks((2, 1), seed=1), cache)
+    assert step.shape == (2, 1, 128) and step.dtype == dtype
+    assert bool(mx.all(mx.isfinite(step)).item())
+    assert all(c.size() == 6 for c in cache)
+
+
+def test_cached_decode_equals_uncached_forward(arch: tuple[str, nn.Module]) -> None:
+    model = arch[1]
+    seq = toks((2, 14), seed=2)
+    full = model(seq)
+    cache = make_prompt_cache(model, batch_size=2)
+    parts = [model(seq[:, :9], cache)] + [model(seq[:, i : i + 1], cache) for i in range(9, 14)]
+    assert max_diff(mx.concatenate(parts, axis=1), full) <= 1e-4
+
+
+def test_trim_then_refeed_gives_same_logits(arch: tuple[str, nn.Module]) -> None:
+    model = arch[1]
+    prompt, more = toks((1, 10), seed=3), toks((1, 4), seed=4)
+    cache = make_prompt_cache(model)
+    model(prompt, cache)
+    assert can_trim_prompt_cache(cache)
+    first = model(more, cache)
+    assert trim_prompt_cache(cache, 4) == 4
+    assert all(c.size() == 10 for c in cache)
+    assert max_diff(model(more, cache), first) <= 1e-5
+
+
+def test_max_kv_size_bounds_every_cache(arch: tuple[str, nn.Module]) -> None:
+    """The bound holds through a long prompt and generation, and inside the bound the
+    rotating cache changes nothing."""
+    model = arch[1]
+    bound = 8
+    cache = make_prompt_cache(model, max_kv_size=bound)
+    seq = toks((1, 7), seed=5)
+    assert max_diff(model(seq, cache), model(seq)) <= 1e-4  # 7 < bound: nothing dropped
+    logits = model(toks((1, 20), seed=6), cache)
+    assert all(c.size() <= bound for c in cache)
+    for _ in range(24):
+        logits = model(mx.argmax(logits[:, -1:], axis=-1), cache)
+        assert all(c.size() <= bound for c in cache)
+    assert bool(mx.all(mx.isfinite(logits)).item())
+
+
+def dequantized_copy(name: str, quantized: nn.Module) -> nn.Module:
+    """A float model holding exactly the values the quantized model computes with."""
+    weights = dict(tree_flatten(quantized.parameters()))
+    for path, module in quantized.named_modules():
+        if "scales" in module:
+            prefix = f"{path}." if path else ""
+            for leaf in ("scales", "biases"):
+                weights.pop(prefix + leaf, None)
+            weights[prefix + "weight"] = mx.dequantize(
+                module["weight"],
+                module["scales"],
+                module.get("biases"),
+                group_size=module.group_size,
+                bits=module.bits,
+                mode=module.mode,
+            )
+    model = build(name)
+    model.load_weights(list(weights.items()), strict=True)
+    return model
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_quantized_weights(name: str) -> None:
+    """nn.quantize swaps every quantizable layer; the result computes what the float model
+    with the dequantized weights computes, and 8 bits stay within 3% of the float logits.
+    Routers are made decisive (as trained ones are) so rounding does not swap experts."""
+    model = build(name)
+    decisive = [(k, 10 * v) for k, v in tree_flatten(model.parameters()) if ".gate.weight" in k]
+    model.load_weights(decisive, strict=False)
+    seq = toks((1, 12), seed=7)
+    want = model(seq)
+    nn.quantize(model, group_size=32, bits=8)
+    kinds = {type(m).__name__ for _, m in model.named_modules()}
+    assert not kinds & {"Linear", "Embedding", "SwitchLinear", "MultiLinear"}, kinds
+    got = model(seq, make_prompt_cache(model))
+    assert max_diff(got, dequantized_copy(name, model)(seq)) <= 1e-4
+    assert rel_diff(got, want) <= 0.03
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_lora_adapter_changes_logits_and_fuses(name: str) -> None:
+    model = build(name)
+    seq = toks((1, 9), seed=8)
+    base = model(seq)
+    apply_lora_layers(model, num_layers=-1, rank=4, scale=2.0)
+    assert max_diff(model(seq), base) <= 1e-5  # fresh adapters: lora_b is zero
+    mx.random.seed(3)
+    trained = [
+        (k, 0.05 * mx.random.normal(v.shape))
+        for k, v in adapter_parameters(model).items()
+        if k.endswith("lora_b")
+    ]
+    model.update(tree_unflatten(trained))
+    adapted = model(seq)
+    assert max_diff(adapted, base) > 1e-3
+    fuse_adapters(model)
+    assert not adapter_parameters(model)
+    assert max_diff(model(seq), adapted) <= 1e-4
+
+
+def test_shard_on_a_single_rank_keeps_logits(arch: tuple[str, nn.Module]) -> None:
+    name, model = arch
+    seq = toks((1, 6), seed=10)
+    want = model(seq)
+    clone = build(name)
+    clone.update(model.parameters())
+    clone.shard(mx.distributed.init())
+    assert max_diff(clone(seq), want) <= 1e-5
+
+
+# -- Qwen2-MoE ---------------------------------------------------------------------------
+
+
+def _np(a: mx.array) -> np.ndarray:
+    return np.array(a.astype(mx.float32), dtype=np.float64)
+
+
+def _np_swiglu(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
+    a = x @ gate.T
+    return (a / (1 + np.exp(-a)) * (x @ up.T)) @ down.T
+
+
+def test_qwen2_moe_block_matches_transformers_definition() -> None:
+    """Softmax over all experts, top-k renormalised (norm_topk_prob), plus the shared
+    expert scaled by sigmoid(shared_expert_gate) (transformers' Qwen2MoeSparseMoeBlock)."""
+    model = build("qwen2_moe")
+    moe = model.layers[0].mlp
+    x = mx.random.normal((5, 64), key=mx.random.key(1))
+    got = _np(moe(x))
+    xs = _np(x)
+    logits = xs @ _np(moe.gate.weight).T
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    sw = moe.switch_mlp
+    want = np.zeros_like(xs)
+    for t in range(xs.shape[0]):
+        top = np.argsort(-probs[t])[:2]
+        weights = probs[t, top] / probs[t, top].sum()
+        for e, w in zip(top, weights, strict=True):
+            want[t] += w * _np_swiglu(
+                xs[t],
+                _np(sw.gate_proj.weight[e]),
+                _np(sw.up_proj.weight[e]),
+                _np(sw.down_proj.weight[e]),
+            )
+    se = moe.shared_expert
+    shared = _np_swiglu(
+        xs, _np(se.gate_proj.weight), _np(se.up_proj.weight), _np(se.down_proj.weight)
+    )
+    want += shared / (1 + np.exp(-(xs @ _np(moe.shared_expert_gate.weight).T)))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_qwen2_moe_layer_placement() -> None:
+    model = build("qwen2_moe", num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[3])
+    assert ["switch_mlp" in layer.mlp for layer in model.layers] == [False, True, False, False]
