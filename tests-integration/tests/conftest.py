@@ -117,6 +117,22 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         "rope_local_base_freq": 10_000.0,
         "rope_scaling": {"rope_type": "linear", "factor": 2.0},
     },
+    "phi3": {**_COMMON, "model_type": "phi3", "tie_word_embeddings": False},
+    # Phi-4-mini's shape: rope over 3/4 of each head (12 of 16 dims), longrope factors
+    # (a context 8x the original one), tied head.
+    "phi3_longrope": {
+        **_COMMON,
+        "model_type": "phi3",
+        "tie_word_embeddings": True,
+        "partial_rotary_factor": 0.75,
+        "max_position_embeddings": 512,
+        "original_max_position_embeddings": 64,
+        "rope_scaling": {
+            "type": "longrope",
+            "long_factor": [1.0, 1.3, 1.9, 2.8, 4.5, 7.0],
+            "short_factor": [1.0, 1.0, 1.1, 1.2, 1.3, 1.5],
+        },
+    },
 }
 
 # Further families, each shaped like its real config (small widths, few layers).

@@ -29,6 +29,8 @@ ARCHS = [
     "gemma",
     "gemma2",
     "gemma3_text",
+    "phi3",
+    "phi3_longrope",
 ]
 TOL = 1e-4
 # Checkpoints of tied models that carry a copy of the head (mlx-lm's sanitize drops it).

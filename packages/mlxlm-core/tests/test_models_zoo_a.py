@@ -58,6 +58,21 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "sliding_window_pattern": 3,
         "rope_scaling": {"rope_type": "linear", "factor": 2.0},
     },
+    # Phi-3-mini-4k's shape: a window shorter than the context.
+    "phi3": {
+        **_COMMON,
+        "model_type": "phi3",
+        "sliding_window": WINDOW,
+        "max_position_embeddings": 4096,
+    },
+    "phi3_longrope": {
+        **_COMMON,
+        "model_type": "phi3",
+        "partial_rotary_factor": 0.75,
+        "max_position_embeddings": 512,
+        "original_max_position_embeddings": 64,
+        "rope_scaling": {"type": "su", "long_factor": [1, 2, 3, 4, 5, 6], "short_factor": [1] * 6},
+    },
 }
 ARCHS = list(CONFIGS)
 SCALE = 4.0  # LoRA scale
@@ -338,3 +353,21 @@ def test_gemma3_reads_layer_types_and_nested_rope_parameters() -> None:
     local, glob = model.layers[0].self_attn.rope, model.layers[2].self_attn.rope
     assert (local.base, local.scale) == (10_000.0, 1.0)
     assert (glob.base, glob.scale) == (1_000_000.0, 0.5)
+
+
+# -- Phi-3 ----------------------------------------------------------------------------------
+
+
+def test_phi3_longrope_settings() -> None:
+    """``su`` is longrope; the top-level original length reaches the rope; a window as long
+    as the context is dropped (a growing, trimmable cache instead of a rotating one)."""
+    args = _args("phi3_longrope")
+    assert args.rope_scaling["rope_type"] == "longrope"
+    assert args.rope_scaling["original_max_position_embeddings"] == 64
+    rope = build("phi3_longrope").layers[0].self_attn.rope
+    assert rope.dims == 12  # 0.75 of head_dim 16
+    base = 10000.0 ** (np.arange(0, 12, 2) / 12)
+    np.testing.assert_allclose(np.array(rope._freqs), np.arange(1, 7) * base, rtol=1e-5)
+    assert rope.input_scale == pytest.approx(np.sqrt(1 + np.log(8) / np.log(64)))
+    assert _args("phi3", sliding_window=4096).sliding_window is None
+    assert _args("phi3", sliding_window=2047).sliding_window == 2047

@@ -29,6 +29,7 @@ _MODULES: dict[str, str] = {
     "gemma": "gemma",
     "gemma2": "gemma2",
     "gemma3_text": "gemma3_text",
+    "phi3": "phi3",
     "qwen2_moe": "qwen2_moe",
 }
 
