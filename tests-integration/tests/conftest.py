@@ -150,6 +150,14 @@ _MORE_FAMILIES: dict[str, dict[str, Any]] = {
         "decoder_sparse_step": 1,
         "mlp_only_layers": [],
     },
+    "olmo2": {
+        **_COMMON,
+        "model_type": "olmo2",
+        "num_key_value_heads": 4,  # OLMo 2 uses full multi-head attention
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+    },
 }
 TINY_CONFIGS.update(_MORE_FAMILIES)
 

@@ -29,6 +29,7 @@ from mlxlm_core.models import get_model_classes
 
 ARCHS = [
     "qwen2_moe",
+    "olmo2",
 ]
 TOL = 1e-4
 

@@ -44,6 +44,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "norm_topk_prob": True,
         "mlp_only_layers": [1],
     },
+    "olmo2": {**_COMMON, "model_type": "olmo2"},
 }
 ARCHS = list(CONFIGS)
 
@@ -251,3 +252,17 @@ def test_qwen2_moe_block_matches_transformers_definition() -> None:
 def test_qwen2_moe_layer_placement() -> None:
     model = build("qwen2_moe", num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[3])
     assert ["switch_mlp" in layer.mlp for layer in model.layers] == [False, True, False, False]
+
+
+# -- OLMo 2 ------------------------------------------------------------------------------
+
+
+def test_olmo2_sharded_norm_on_one_rank_is_the_full_norm() -> None:
+    from mlxlm_core.models.olmo2 import ShardedRMSNorm
+
+    norm = nn.RMSNorm(64, eps=1e-6)
+    norm.weight = 1 + 0.2 * mx.random.normal((64,), key=mx.random.key(2))
+    x = mx.random.normal((3, 64), key=mx.random.key(3))
+    one = ShardedRMSNorm.split(norm, mx.distributed.init())
+    assert max_diff(one(x), norm(x)) <= 1e-5
+    assert max_diff(one(x.astype(mx.float16)), norm(x)) <= 1e-2
