@@ -8,9 +8,15 @@ import::
     print(generate(model, tokenizer, "What is the capital of France?"))
 
 Public submodules: ``mlxlm_core.models``, ``.cache``, ``.sampling``, ``.adapters``,
-``.quantize``.
+``.quantize``, ``.data``.
+
+Importing this package has one deliberate side effect, before anything imports
+``mlx.core``: on Linux it loads an optimised BLAS for MLX's CPU kernels if one is installed
+(``MLXLM_BLAS=auto|off|/path/to/lib.so``; see ``mlxlm_core._blas``).
 """
 
+# First, before anything imports mlx.core: load the BLAS (the one import-time side effect).
+from . import _blas  # noqa: F401  (isort: keep first)
 from ._engine import BatchGenerator, BatchResponse
 from ._errors import (
     CheckpointError,

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     import mlx.core as mx
 
     from .._errors import InvalidArgumentError
-    from .._textdata import BUILTIN_TEXT_NAME, builtin_text, read_texts, token_windows
+    from ..data import BUILTIN_TEXT_NAME, builtin_text, read_texts, token_windows
 
     if args.num_samples == 0 or args.num_samples < -1:
         raise InvalidArgumentError(f"--num-samples must be positive or -1, got {args.num_samples}")
