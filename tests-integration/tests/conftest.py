@@ -158,6 +158,36 @@ _MORE_FAMILIES: dict[str, dict[str, Any]] = {
         "rope_theta": 500000.0,
         "tie_word_embeddings": False,
     },
+    "granite": {
+        **_COMMON,
+        "model_type": "granite",
+        "tie_word_embeddings": True,
+        "rope_theta": 5_000_000.0,
+        "attention_bias": False,
+        "mlp_bias": False,
+        # granite-3.1-2b's multipliers
+        "embedding_multiplier": 12.0,
+        "logits_scaling": 8.0,
+        "residual_multiplier": 0.22,
+        "attention_multiplier": 0.015625,
+    },
+    "minicpm": {
+        **_COMMON,
+        "model_type": "minicpm",
+        "num_key_value_heads": 4,
+        "tie_word_embeddings": False,
+        "scale_emb": 12.0,
+        "scale_depth": 1.4,
+        "dim_model_base": 16,
+    },
+    "minicpm_tied": {
+        **_COMMON,
+        "model_type": "minicpm",
+        "tie_word_embeddings": True,
+        "scale_emb": 12.0,
+        "scale_depth": 1.4,
+        "dim_model_base": 16,
+    },
 }
 TINY_CONFIGS.update(_MORE_FAMILIES)
 

@@ -30,11 +30,18 @@ from mlxlm_core.models import get_model_classes
 ARCHS = [
     "qwen2_moe",
     "olmo2",
+    "granite",
+    "minicpm",
+    "minicpm_tied",
 ]
 TOL = 1e-4
 
 # name -> config changes for mlx-lm only, each the same model in mlx-lm's reading.
-_REF_OVERRIDES: dict[str, dict[str, Any]] = {}
+_REF_OVERRIDES: dict[str, dict[str, Any]] = {
+    # mlx-lm's tied MiniCPM path skips the hidden_size / dim_model_base division; it runs
+    # real (tied) MiniCPM checkpoints untied, with the embedding copied into lm_head.
+    "minicpm_tied": {"tie_word_embeddings": False},
+}
 
 # Checkpoint name of the token embedding, where it is not model.embed_tokens.
 _EMBED_KEY: dict[str, str] = {}

@@ -45,6 +45,21 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "mlp_only_layers": [1],
     },
     "olmo2": {**_COMMON, "model_type": "olmo2"},
+    "granite": {
+        **_COMMON,
+        "model_type": "granite",
+        "embedding_multiplier": 12.0,
+        "logits_scaling": 8.0,
+        "residual_multiplier": 0.22,
+        "attention_multiplier": 0.015625,
+    },
+    "minicpm": {
+        **_COMMON,
+        "model_type": "minicpm",
+        "scale_emb": 12.0,
+        "scale_depth": 1.4,
+        "dim_model_base": 16,
+    },
 }
 ARCHS = list(CONFIGS)
 
@@ -266,3 +281,29 @@ def test_olmo2_sharded_norm_on_one_rank_is_the_full_norm() -> None:
     one = ShardedRMSNorm.split(norm, mx.distributed.init())
     assert max_diff(one(x), norm(x)) <= 1e-5
     assert max_diff(one(x.astype(mx.float16)), norm(x)) <= 1e-2
+
+
+# -- Granite, MiniCPM --------------------------------------------------------------------
+
+
+def test_granite_scales_caller_embeddings_too() -> None:
+    model = build("granite")
+    seq = toks((1, 6), seed=11)
+    assert max_diff(model(seq, input_embeddings=model.model.embed_tokens(seq)), model(seq)) == 0
+
+
+def test_minicpm_scales_only_looked_up_embeddings() -> None:
+    model = build("minicpm")
+    seq = toks((1, 6), seed=12)
+    scaled = model.model.embed_tokens(seq) * 12.0
+    assert max_diff(model(seq, input_embeddings=scaled), model(seq)) <= 1e-6
+
+
+def test_minicpm_untied_config_over_a_headless_checkpoint_uses_the_embedding() -> None:
+    tied = build("minicpm", tie_word_embeddings=True)
+    weights = dict(tree_flatten(tied.parameters()))
+    model_cls, args_cls = get_model_classes("minicpm")
+    untied = model_cls(args_cls.from_dict({**CONFIGS["minicpm"], "tie_word_embeddings": False}))
+    untied.load_weights(list(untied.sanitize(weights).items()), strict=True)
+    seq = toks((1, 6), seed=13)
+    assert max_diff(untied(seq), tied(seq)) <= 1e-5

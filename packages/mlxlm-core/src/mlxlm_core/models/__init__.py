@@ -32,6 +32,8 @@ _MODULES: dict[str, str] = {
     "phi3": "phi3",
     "qwen2_moe": "qwen2_moe",
     "olmo2": "olmo2",
+    "granite": "granite",
+    "minicpm": "minicpm",
 }
 
 
