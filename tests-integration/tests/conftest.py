@@ -133,6 +133,28 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
             "short_factor": [1.0, 1.0, 1.1, 1.2, 1.3, 1.5],
         },
     },
+    # Phi-3.5-MoE's shape: biased attention and head, LayerNorms, longrope with mscale, and
+    # a jitter band wide enough that the sparsemixer's masked softmax matters.
+    "phimoe": {
+        **_COMMON,
+        "model_type": "phimoe",
+        "intermediate_size": 64,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "router_jitter_noise": 0.25,
+        "attention_bias": True,
+        "lm_head_bias": True,
+        "tie_word_embeddings": False,
+        "max_position_embeddings": 512,
+        "rope_scaling": {
+            "type": "longrope",
+            "long_factor": [1.0, 1.2, 1.5, 2.0, 2.6, 3.3, 4.4, 6.0],
+            "short_factor": [1.0] * 8,
+            "long_mscale": 1.25,
+            "short_mscale": 1.25,
+            "original_max_position_embeddings": 64,
+        },
+    },
 }
 
 # Further families, each shaped like its real config (small widths, few layers).

@@ -31,6 +31,7 @@ ARCHS = [
     "gemma3_text",
     "phi3",
     "phi3_longrope",
+    "phimoe",
 ]
 TOL = 1e-4
 # Checkpoints of tied models that carry a copy of the head (mlx-lm's sanitize drops it).

@@ -73,6 +73,16 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "original_max_position_embeddings": 64,
         "rope_scaling": {"type": "su", "long_factor": [1, 2, 3, 4, 5, 6], "short_factor": [1] * 6},
     },
+    "phimoe": {
+        **_COMMON,
+        "model_type": "phimoe",
+        "intermediate_size": 64,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "router_jitter_noise": 0.25,
+        "attention_bias": True,
+        "lm_head_bias": True,
+    },
 }
 ARCHS = list(CONFIGS)
 SCALE = 4.0  # LoRA scale
@@ -371,3 +381,34 @@ def test_phi3_longrope_settings() -> None:
     assert rope.input_scale == pytest.approx(np.sqrt(1 + np.log(8) / np.log(64)))
     assert _args("phi3", sliding_window=4096).sliding_window is None
     assert _args("phi3", sliding_window=2047).sliding_window == 2047
+
+
+# -- PhiMoE ---------------------------------------------------------------------------------
+
+
+def _np_sparsemixer(logits: np.ndarray, k: int, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """transformers' sparsemixer (inference), one token at a time in float64."""
+    idx, wts = np.zeros((len(logits), k), int), np.zeros((len(logits), k))
+    for t, row in enumerate(logits.astype(np.float64)):
+        masked = row.copy()
+        for i in range(k):
+            best, choice = masked.max(), int(masked.argmax())
+            keep = (best - row) / np.maximum(np.abs(row), best) <= 2 * eps
+            z = np.where(keep, masked, -np.inf)
+            probs = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+            idx[t, i], wts[t, i] = choice, probs[choice]
+            masked[choice] = -np.inf
+    return idx, wts
+
+
+def test_sparsemixer_matches_its_definition() -> None:
+    from mlxlm_core.models.phimoe import sparsemixer
+
+    logits = np.random.default_rng(14).normal(size=(50, 6)).astype(np.float32) * 2
+    for k, eps in ((1, 0.01), (2, 0.01), (2, 0.3), (3, 1.0)):
+        got_idx, got_w = sparsemixer(mx.array(logits), top_k=k, jitter_eps=eps)
+        want_idx, want_w = _np_sparsemixer(logits, k, eps)
+        np.testing.assert_array_equal(np.array(got_idx), want_idx)
+        np.testing.assert_allclose(np.array(got_w), want_w, atol=1e-6)
+        if (k, eps) == (2, 0.3):  # the band admits some rivals and not others
+            assert 0.05 < float(np.mean(want_w < 0.999)) < 0.95

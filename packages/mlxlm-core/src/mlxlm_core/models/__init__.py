@@ -30,6 +30,7 @@ _MODULES: dict[str, str] = {
     "gemma2": "gemma2",
     "gemma3_text": "gemma3_text",
     "phi3": "phi3",
+    "phimoe": "phimoe",
     "qwen2_moe": "qwen2_moe",
     "olmo2": "olmo2",
     "granite": "granite",
