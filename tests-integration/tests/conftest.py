@@ -155,6 +155,19 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
             "original_max_position_embeddings": 64,
         },
     },
+    # StarCoder2 (its configs name the LayerNorm epsilon norm_epsilon). mlx-lm runs it with
+    # the exact GELU and no window, so the config asks for both: `gelu`, a window longer
+    # than the compared sequences.
+    "starcoder2": {
+        **{k: v for k, v in _COMMON.items() if k != "rms_norm_eps"},
+        "model_type": "starcoder2",
+        "norm_epsilon": 1e-5,
+        "use_bias": True,
+        "hidden_act": "gelu",
+        "rope_theta": 100000.0,
+        "sliding_window": 32,
+        "tie_word_embeddings": True,
+    },
 }
 
 # Further families, each shaped like its real config (small widths, few layers).

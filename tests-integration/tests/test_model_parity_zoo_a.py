@@ -32,6 +32,7 @@ ARCHS = [
     "phi3",
     "phi3_longrope",
     "phimoe",
+    "starcoder2",
 ]
 TOL = 1e-4
 # Checkpoints of tied models that carry a copy of the head (mlx-lm's sanitize drops it).

@@ -83,6 +83,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "attention_bias": True,
         "lm_head_bias": True,
     },
+    "starcoder2": {
+        **{k: v for k, v in _COMMON.items() if k != "rms_norm_eps"},
+        "model_type": "starcoder2",
+        "norm_epsilon": 1e-5,
+        "sliding_window": WINDOW,
+    },
 }
 ARCHS = list(CONFIGS)
 SCALE = 4.0  # LoRA scale
@@ -412,3 +418,18 @@ def test_sparsemixer_matches_its_definition() -> None:
         np.testing.assert_allclose(np.array(got_w), want_w, atol=1e-6)
         if (k, eps) == (2, 0.3):  # the band admits some rivals and not others
             assert 0.05 < float(np.mean(want_w < 0.999)) < 0.95
+
+
+# -- StarCoder2 -----------------------------------------------------------------------------
+
+
+def test_starcoder2_follows_its_config() -> None:
+    model = build("starcoder2")
+    layer = model.layers[0]
+    assert isinstance(layer.input_layernorm, nn.LayerNorm) and "bias" in layer.input_layernorm
+    assert isinstance(model.model.norm, nn.LayerNorm)
+    assert "bias" in layer.self_attn.o_proj and "bias" in layer.mlp.c_fc
+    assert layer.mlp.act is nn.gelu_approx  # gelu_pytorch_tanh, transformers' default
+    plain = build("starcoder2", use_bias=False, hidden_act="gelu").layers[0]
+    assert "bias" not in plain.self_attn.q_proj and "bias" not in plain.mlp.c_proj
+    assert plain.mlp.act is nn.gelu

@@ -31,6 +31,7 @@ _MODULES: dict[str, str] = {
     "gemma3_text": "gemma3_text",
     "phi3": "phi3",
     "phimoe": "phimoe",
+    "starcoder2": "starcoder2",
     "qwen2_moe": "qwen2_moe",
     "olmo2": "olmo2",
     "granite": "granite",
