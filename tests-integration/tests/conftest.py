@@ -223,6 +223,16 @@ _MORE_FAMILIES: dict[str, dict[str, Any]] = {
         "scale_depth": 1.4,
         "dim_model_base": 16,
     },
+    "internlm2": {
+        **_COMMON,
+        "model_type": "internlm2",
+        "bias": True,  # real configs say False; True also checks where biases load
+        "rope_theta": 1_000_000.0,
+        # InternLM2.5's dynamic NTK rope; a short trained length so decoding passes it
+        "rope_scaling": {"type": "dynamic", "factor": 2.0},
+        "max_position_embeddings": 24,
+        "tie_word_embeddings": False,
+    },
 }
 TINY_CONFIGS.update(_MORE_FAMILIES)
 

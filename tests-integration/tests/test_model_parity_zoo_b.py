@@ -33,6 +33,7 @@ ARCHS = [
     "granite",
     "minicpm",
     "minicpm_tied",
+    "internlm2",
 ]
 TOL = 1e-4
 
@@ -44,7 +45,7 @@ _REF_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 # Checkpoint name of the token embedding, where it is not model.embed_tokens.
-_EMBED_KEY: dict[str, str] = {}
+_EMBED_KEY: dict[str, str] = {"internlm2": "model.tok_embeddings.weight"}
 
 
 def perturb_constants(model: nn.Module, *, seed: int) -> nn.Module:

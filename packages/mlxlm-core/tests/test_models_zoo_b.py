@@ -60,6 +60,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "scale_depth": 1.4,
         "dim_model_base": 16,
     },
+    "internlm2": {**_COMMON, "model_type": "internlm2", "bias": True},
 }
 ARCHS = list(CONFIGS)
 

@@ -36,6 +36,7 @@ _MODULES: dict[str, str] = {
     "olmo2": "olmo2",
     "granite": "granite",
     "minicpm": "minicpm",
+    "internlm2": "internlm2",
 }
 
 

@@ -8,6 +8,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_linear
 
+from .._errors import InvalidArgumentError
+
 
 def shard_attention_mlp(layers: Sequence[nn.Module], group: mx.distributed.Group | None) -> None:
     """Split heads and MLP columns across ``group``; one all-reduce after o_proj and down_proj.
@@ -32,3 +34,35 @@ def shard_attention_mlp(layers: Sequence[nn.Module], group: mx.distributed.Group
             mlp.gate_proj = shard_linear(mlp.gate_proj, "all-to-sharded", group=group)
             mlp.up_proj = shard_linear(mlp.up_proj, "all-to-sharded", group=group)
             mlp.down_proj = shard_linear(mlp.down_proj, "sharded-to-all", group=group)
+
+
+def shard_projections(
+    module: nn.Module,
+    group: mx.distributed.Group,
+    *,
+    split_out: Sequence[str] = (),
+    split_in: Sequence[str] = (),
+    segments: dict[str, int] | None = None,
+) -> None:
+    """Shard the named linears of ``module`` (projections :func:`shard_attention_mlp` cannot name).
+
+    ``split_out`` layers are split by output rows (each rank computes a slice), ``split_in``
+    by input columns (each rank's partial output is all-reduced). ``segments[name] = n``
+    splits a fused projection (``gate_up_proj``) so every rank gets a slice of each part.
+    """
+    segments = segments or {}
+    for name in split_out:
+        layer = shard_linear(
+            getattr(module, name), "all-to-sharded", segments=segments.get(name, 1), group=group
+        )
+        setattr(module, name, layer)
+    for name in split_in:
+        setattr(module, name, shard_linear(getattr(module, name), "sharded-to-all", group=group))
+
+
+def check_heads(n_heads: int, n_kv_heads: int, group: mx.distributed.Group) -> None:
+    """Refuse a split that would cut a head (or a query group) across ranks."""
+    if n_kv_heads % group.size() or n_heads % group.size():
+        raise InvalidArgumentError(
+            f"{n_heads} heads / {n_kv_heads} KV heads cannot be split over {group.size()} ranks"
+        )
