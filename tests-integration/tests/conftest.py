@@ -168,6 +168,17 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         "sliding_window": 32,
         "tie_word_embeddings": True,
     },
+    "gpt2": {
+        "model_type": "gpt2",
+        "n_embd": 64,
+        "n_head": 4,
+        "n_layer": 2,
+        "n_positions": 128,
+        "n_ctx": 128,
+        "layer_norm_epsilon": 1e-5,
+        "vocab_size": 128,
+        "activation_function": "gelu_new",
+    },
 }
 
 # Further families, each shaped like its real config (small widths, few layers).
@@ -232,6 +243,22 @@ _MORE_FAMILIES: dict[str, dict[str, Any]] = {
         "rope_scaling": {"type": "dynamic", "factor": 2.0},
         "max_position_embeddings": 24,
         "tie_word_embeddings": False,
+    },
+    "exaone": {
+        # EXAONE 3.5's own config keys (num_layers, layer_norm_epsilon), llama3 rope scaling
+        **{k: v for k, v in _COMMON.items() if k not in ("num_hidden_layers", "rms_norm_eps")},
+        "model_type": "exaone",
+        "num_layers": 2,
+        "layer_norm_epsilon": 1e-5,
+        "rope_theta": 1_000_000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        "tie_word_embeddings": True,
     },
 }
 TINY_CONFIGS.update(_MORE_FAMILIES)

@@ -33,6 +33,7 @@ ARCHS = [
     "phi3_longrope",
     "phimoe",
     "starcoder2",
+    "gpt2",
 ]
 TOL = 1e-4
 # Checkpoints of tied models that carry a copy of the head (mlx-lm's sanitize drops it).

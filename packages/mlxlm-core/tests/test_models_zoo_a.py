@@ -89,6 +89,15 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "norm_epsilon": 1e-5,
         "sliding_window": WINDOW,
     },
+    "gpt2": {
+        "model_type": "gpt2",
+        "n_embd": 64,
+        "n_head": 4,
+        "n_layer": 2,
+        "n_positions": 64,
+        "layer_norm_epsilon": 1e-5,
+        "vocab_size": 128,
+    },
 }
 ARCHS = list(CONFIGS)
 SCALE = 4.0  # LoRA scale
@@ -433,3 +442,38 @@ def test_starcoder2_follows_its_config() -> None:
     plain = build("starcoder2", use_bias=False, hidden_act="gelu").layers[0]
     assert "bias" not in plain.self_attn.q_proj and "bias" not in plain.mlp.c_proj
     assert plain.mlp.act is nn.gelu
+
+
+# -- GPT-2 ----------------------------------------------------------------------------------
+
+
+def test_gpt2_reads_conv1d_checkpoints_with_or_without_prefix() -> None:
+    """A Hugging Face checkpoint stores (in, out) Conv1D matrices, with buffers, under
+    ``transformer.`` (GPT2LMHeadModel) or bare (GPT2Model); both load our exact weights."""
+    source = build("gpt2")
+    ours = dict(tree_flatten(source.parameters()))
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    hf = {k.removeprefix("model."): (v.T if k.endswith(conv1d) else v) for k, v in ours.items()}
+    hf["h.0.attn.bias"] = mx.tril(mx.ones((64, 64)))[None, None]
+    for prefix in ("", "transformer."):
+        weights = {prefix + k: v for k, v in hf.items()}
+        if prefix:
+            weights["lm_head.weight"] = ours["model.wte.weight"]
+        loaded = build("gpt2", seed=99)
+        loaded.load_weights(list(loaded.sanitize(weights).items()), strict=True)
+        for key, value in tree_flatten(loaded.parameters()):
+            assert mx.array_equal(value, ours[key]), key
+    assert set(source.sanitize(dict(ours))) == set(ours)  # converted names pass through
+
+
+def test_gpt2_positions_are_bounded_by_n_positions() -> None:
+    from mlxlm_core import ContextLengthError
+
+    model = build("gpt2")
+    cache = make_prompt_cache(model)
+    model(toks((1, 60)), cache)
+    model(toks((1, 4)), cache)  # positions 60..63: the last ones there are
+    with pytest.raises(ContextLengthError, match="64 learned positions"):
+        model(toks((1, 1)), cache)
+    with pytest.raises(ContextLengthError):
+        model(toks((1, 65)))

@@ -32,11 +32,13 @@ _MODULES: dict[str, str] = {
     "phi3": "phi3",
     "phimoe": "phimoe",
     "starcoder2": "starcoder2",
+    "gpt2": "gpt2",
     "qwen2_moe": "qwen2_moe",
     "olmo2": "olmo2",
     "granite": "granite",
     "minicpm": "minicpm",
     "internlm2": "internlm2",
+    "exaone": "exaone",
 }
 
 
