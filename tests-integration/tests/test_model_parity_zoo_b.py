@@ -34,6 +34,7 @@ ARCHS = [
     "minicpm",
     "minicpm_tied",
     "internlm2",
+    "exaone",
 ]
 TOL = 1e-4
 
@@ -45,7 +46,10 @@ _REF_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 # Checkpoint name of the token embedding, where it is not model.embed_tokens.
-_EMBED_KEY: dict[str, str] = {"internlm2": "model.tok_embeddings.weight"}
+_EMBED_KEY: dict[str, str] = {
+    "internlm2": "model.tok_embeddings.weight",
+    "exaone": "transformer.wte.weight",
+}
 
 
 def perturb_constants(model: nn.Module, *, seed: int) -> nn.Module:
@@ -101,7 +105,9 @@ def load_pair(name: str, config: dict[str, Any], source: nn.Module) -> tuple[nn.
     if "lm_head.weight" in dict(tree_flatten(ref.parameters())) and "lm_head.weight" not in hf:
         # A tied checkpoint that still carries the head copy, as many do.
         ref_hf["lm_head.weight"] = hf[_EMBED_KEY.get(name, "model.embed_tokens.weight")]
-    ref.load_weights(list(ref.sanitize(ref_hf).items()), strict=True)
+    if hasattr(ref, "sanitize"):  # some mlx-lm models take checkpoints as they are
+        ref_hf = ref.sanitize(ref_hf)
+    ref.load_weights(list(ref_hf.items()), strict=True)
     mx.eval(ours.parameters(), ref.parameters())
     return ours, ref
 

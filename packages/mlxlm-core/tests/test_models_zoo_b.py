@@ -61,6 +61,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "dim_model_base": 16,
     },
     "internlm2": {**_COMMON, "model_type": "internlm2", "bias": True},
+    "exaone": {**_COMMON, "model_type": "exaone", "attention_bias": True, "mlp_bias": True},
 }
 ARCHS = list(CONFIGS)
 
