@@ -179,6 +179,38 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         "vocab_size": 128,
         "activation_function": "gelu_new",
     },
+    # Pythia's shape (rope over a quarter of each head, parallel residual). Pythia says
+    # `gelu` (exact); mlx-lm's gpt_neox always runs the tanh approximation, so ask for it.
+    "gpt_neox": {
+        "model_type": "gpt_neox",
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "intermediate_size": 256,
+        "max_position_embeddings": 128,
+        "layer_norm_eps": 1e-5,
+        "vocab_size": 128,
+        "rotary_emb_base": 10000,
+        "rotary_pct": 0.25,
+        "use_parallel_residual": True,
+        "hidden_act": "gelu_new",
+        "tie_word_embeddings": False,
+    },
+    "gpt_neox_sequential": {
+        "model_type": "gpt_neox",
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "intermediate_size": 256,
+        "max_position_embeddings": 128,
+        "layer_norm_eps": 1e-5,
+        "vocab_size": 128,
+        "rotary_emb_base": 5000,
+        "rotary_pct": 0.5,
+        "use_parallel_residual": False,
+        "hidden_act": "gelu_new",
+        "tie_word_embeddings": False,
+    },
 }
 
 # Further families, each shaped like its real config (small widths, few layers).
@@ -258,6 +290,30 @@ _MORE_FAMILIES: dict[str, dict[str, Any]] = {
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 64,
         },
+        "tie_word_embeddings": True,
+    },
+    "glm4": {
+        **_COMMON,
+        "model_type": "glm4",
+        "head_dim": 32,  # GLM-4-9B-0414: head_dim 128 over hidden 4096 with 32 heads
+        "attention_bias": True,
+        "partial_rotary_factor": 0.5,
+        "rms_norm_eps": 1e-5,
+    },
+    "ernie4_5": {
+        **_COMMON,
+        "model_type": "ernie4_5",
+        "head_dim": 16,
+        "use_bias": True,  # ERNIE-4.5-0.3B says False; True also checks where biases load
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": True,
+    },
+    "smollm3": {
+        **_COMMON,
+        "model_type": "smollm3",
+        "num_hidden_layers": 4,  # the fourth block is NoPE
+        "rope_theta": 5_000_000.0,
+        "no_rope_layer_interval": 4,
         "tie_word_embeddings": True,
     },
 }

@@ -34,6 +34,8 @@ ARCHS = [
     "phimoe",
     "starcoder2",
     "gpt2",
+    "gpt_neox",
+    "gpt_neox_sequential",
 ]
 TOL = 1e-4
 # Checkpoints of tied models that carry a copy of the head (mlx-lm's sanitize drops it).

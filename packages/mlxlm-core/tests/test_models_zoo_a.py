@@ -98,6 +98,15 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "layer_norm_epsilon": 1e-5,
         "vocab_size": 128,
     },
+    "gpt_neox": {
+        "model_type": "gpt_neox",
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "vocab_size": 128,
+        "rotary_pct": 0.5,
+        "tie_word_embeddings": True,
+    },
 }
 ARCHS = list(CONFIGS)
 SCALE = 4.0  # LoRA scale
@@ -477,3 +486,52 @@ def test_gpt2_positions_are_bounded_by_n_positions() -> None:
         model(toks((1, 1)), cache)
     with pytest.raises(ContextLengthError):
         model(toks((1, 65)))
+
+
+# -- GPT-NeoX -------------------------------------------------------------------------------
+
+
+def test_gpt_neox_config_spellings_and_head_major_qkv() -> None:
+    old = _args("gpt_neox", rotary_emb_base=5000.0, rotary_pct=0.25)
+    new = _args(
+        "gpt_neox",
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 5000.0,
+            "partial_rotary_factor": 0.25,
+        },
+    )
+    assert (old.rope_theta, old.rotary_pct) == (new.rope_theta, new.rotary_pct) == (5000.0, 0.25)
+    assert old.intermediate_size == 256
+    # Head h's values are rows [h*48 + 32, h*48 + 48) of query_key_value: zeroing exactly
+    # head 1's value rows must zero head 1's slice of the attention output.
+    attn = build("gpt_neox").layers[0].attention
+    weight = attn.query_key_value.weight
+    rows = mx.arange(weight.shape[0])
+    keep = ~((rows >= 48 + 32) & (rows < 96))
+    attn.query_key_value.weight = weight * keep[:, None]
+    attn.query_key_value.bias = attn.query_key_value.bias * keep
+    captured = []
+    dense = attn.dense
+    attn.dense = lambda out: captured.append(out) or dense(out)
+    attn(mx.random.normal((1, 5, 64)), "causal", None)
+    out = captured[0].reshape(1, 5, 4, 16)
+    assert float(mx.max(mx.abs(out[:, :, 1])).item()) == 0.0
+    assert float(mx.min(mx.max(mx.abs(out), axis=(0, 1, 3))[mx.array([0, 2, 3])]).item()) > 0
+
+
+def test_gpt_neox_sanitize_maps_hf_names_and_drops_buffers() -> None:
+    source = build("gpt_neox", tie_word_embeddings=False)
+    ours = dict(tree_flatten(source.parameters()))
+    hf = {
+        k.replace("model.h.", "gpt_neox.layers.")
+        .replace("model.embed_in", "gpt_neox.embed_in")
+        .replace("model.final_layer_norm", "gpt_neox.final_layer_norm")
+        .replace("model.embed_out", "embed_out"): v
+        for k, v in ours.items()
+    }
+    hf["gpt_neox.layers.0.attention.rotary_emb.inv_freq"] = mx.ones((4,))
+    hf["gpt_neox.layers.1.attention.bias"] = mx.ones((1, 1, 8, 8))
+    assert set(source.sanitize(hf)) == set(ours)
+    tied = build("gpt_neox")
+    assert "embed_out" not in tied.model and "model.embed_out.weight" not in tied.sanitize(hf)

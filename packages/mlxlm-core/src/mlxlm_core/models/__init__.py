@@ -33,12 +33,16 @@ _MODULES: dict[str, str] = {
     "phimoe": "phimoe",
     "starcoder2": "starcoder2",
     "gpt2": "gpt2",
+    "gpt_neox": "gpt_neox",
     "qwen2_moe": "qwen2_moe",
     "olmo2": "olmo2",
     "granite": "granite",
     "minicpm": "minicpm",
     "internlm2": "internlm2",
     "exaone": "exaone",
+    "glm4": "glm4",
+    "ernie4_5": "ernie4_5",
+    "smollm3": "smollm3",
 }
 
 
