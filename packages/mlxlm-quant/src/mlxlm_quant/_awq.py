@@ -1,0 +1,267 @@
+"""AWQ (Lin et al., 2023): scale salient input channels up before quantizing, then clip.
+
+Multiplying a linear layer's input channel ``c`` by ``s_c`` and its weight column by
+``1/s_c`` changes nothing in float but lets the channels that carry large activations keep
+more precision after quantization. The ``1/s`` has to be folded into whatever produces
+the input (a norm's weight, or the rows of a linear whose output feeds the group
+elementwise-linearly, like ``up_proj`` into ``down_proj``).
+
+Nothing here is per-family. In each block the producers are discovered: layers fed the
+same activation form a group, the leaf module whose output equals that activation (or a
+linear of matching width) is a candidate producer, and a candidate is accepted only if
+folding random scales through it leaves the block's output unchanged on a probe input.
+A group without a verified producer is only clipped. The scale search minimises the
+group's output error on calibration activations over ``s = mean|x|^a`` for a grid of ``a``
+(``a = 0`` is plain rounding, so it never does worse on that objective); the clip search
+then picks, per output row and group, the shrink of the weight range with the least
+output error. The head (or tied embedding) is clipped against the final hidden states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlxlm_core.quantize import QuantSpec
+
+from ._blocks import block_extras, block_inputs, hooked, linear_paths, run_block, tail_calls
+from ._recipe import QuantRecipe
+
+__all__ = ["AWQConfig", "awq_quantize"]
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    n_grid: int = 20  # scale exponents tried in [0, 1)
+    clip_grid: int = 20  # clip shrinks tried: 1, 1 - 1/clip_grid, ... down to max_shrink
+    max_shrink: float = 0.5
+    search_tokens: int = 2048  # activation rows used by the scale search
+    clip_tokens: int = 512  # activation rows used by the clip search
+    batch_size: int = 4
+    seed: int = 0
+
+
+def _qdq(w: mx.array, spec: QuantSpec) -> mx.array:
+    q = mx.quantize(w, group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
+    return mx.dequantize(*q, group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
+
+
+def _rows(xs: list[mx.array], n: int, key: mx.array) -> mx.array:
+    x = mx.concatenate([a.reshape(-1, a.shape[-1]) for a in xs]).astype(mx.float32)
+    if x.shape[0] > n:
+        x = x[mx.sort(mx.random.permutation(x.shape[0], key=key)[:n])]
+    return x
+
+
+# -- producer discovery -------------------------------------------------------------------
+
+
+def _same(a: mx.array, b: mx.array) -> bool:
+    if a is b:
+        return True
+    if a.size != b.size or a.shape[-1] != b.shape[-1]:
+        return False
+    return bool(mx.array_equal(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])))
+
+
+def _fold(producer: nn.Module, variant: str, group: list[nn.Module], s: mx.array) -> None:
+    """Divide the producer's output channels by ``s``; multiply the group's columns."""
+    if variant == "rows":
+        producer.weight = producer.weight / s[:, None]
+    elif variant == "norm":
+        producer.weight = producer.weight / s
+    elif variant == "offset-norm":  # norms computing x * (1 + weight)
+        producer.weight = (1.0 + producer.weight) / s - 1.0
+    if "bias" in producer:
+        producer.bias = producer.bias / s
+    for layer in group:
+        layer.weight = layer.weight * s
+
+
+def _variants(module: nn.Module) -> list[str]:
+    w = getattr(module, "weight", None)
+    if not isinstance(w, mx.array) or isinstance(module, nn.Embedding):
+        return []
+    if w.ndim == 2 and isinstance(module, nn.Linear):
+        return ["rows"]
+    if w.ndim == 1:
+        return ["norm", "offset-norm"]
+    return []
+
+
+def _discover(
+    block: nn.Module, probe: mx.array, extra: tuple[tuple, dict], targets: list[str]
+) -> list[tuple[list[str], str | None, str | None]]:
+    """``(group paths, producer path, fold variant)`` for the block's target layers."""
+    modules = dict(block.named_modules())
+    leaves = [p for p, m in modules.items() if p and not m.children() or p in targets]
+    leaves = [p for p in leaves if p and not modules[p].children()]
+    seen: dict[str, tuple[mx.array, mx.array]] = {}
+
+    def record(path: str, x: mx.array, y: mx.array) -> None:
+        seen.setdefault(path, (x, y))
+
+    with hooked(block, leaves, record):
+        ref = run_block(block, [probe], extra)[0]
+    groups: list[list[str]] = []
+    for path in targets:
+        if path not in seen:
+            continue
+        for group in groups:
+            if _same(seen[group[0]][0], seen[path][0]):
+                group.append(path)
+                break
+        else:
+            groups.append([path])
+    found: list[tuple[list[str], str | None, str | None]] = []
+    for group in groups:
+        x = seen[group[0]][0]
+        exact = [p for p in leaves if p in seen and p not in group and _same(seen[p][1], x)]
+        wide = [
+            p
+            for p in leaves
+            if p in seen and isinstance(modules[p], nn.Linear) and p not in group
+            and seen[p][1].shape[-1] == x.shape[-1] and p not in exact
+        ]
+        choice: tuple[str | None, str | None] = (None, None)
+        for cand in exact + wide:
+            for variant in _variants(modules[cand]):
+                if _verified(block, probe, extra, ref, modules, cand, variant, group, x.shape[-1]):
+                    choice = (cand, variant)
+                    break
+            if choice[0] is not None:
+                break
+        found.append((group, *choice))
+    return found
+
+
+def _verified(block, probe, extra, ref, modules, cand, variant, group, dim) -> bool:  # noqa: ANN001
+    saved = block.parameters()
+    s = mx.random.uniform(0.5, 2.0, (dim,), key=mx.random.key(dim))
+    try:
+        _fold(modules[cand], variant, [modules[p] for p in group], s)
+        out = run_block(block, [probe], extra)[0]
+        err = float(mx.abs(out - ref).max()) / (float(mx.abs(ref).max()) + 1e-6)
+        return err < 1e-3
+    finally:
+        block.update(saved)
+
+
+# -- searches -----------------------------------------------------------------------------
+
+
+def _search_scale(x: mx.array, layers: list[nn.Module], specs: list[QuantSpec], n_grid: int):  # noqa: ANN202
+    x_mean = mx.abs(x).mean(axis=0)
+    refs = [x @ layer.weight.T for layer in layers]
+    best, best_s = float("inf"), None
+    for step in range(n_grid):
+        s = mx.maximum(x_mean ** (step / n_grid), 1e-4)
+        s = s / mx.sqrt(s.max() * s.min())
+        loss = mx.array(0.0)
+        for layer, spec, ref in zip(layers, specs, refs):
+            wq = _qdq(layer.weight * s, spec) / s
+            loss = loss + ((x @ wq.T - ref) ** 2).sum()
+        value = float(loss)
+        if value < best:
+            best, best_s = value, s
+    return best_s
+
+
+def _search_clip(x: mx.array, w: mx.array, spec: QuantSpec, config: AWQConfig) -> mx.array:
+    """``w`` clipped per (row, group) to the range with the least output error."""
+    g = spec.group_size
+    xg = x.reshape(x.shape[0], -1, g)  # (n, groups, g)
+    out_rows = []
+    for r in range(0, w.shape[0], 256):
+        wr = w[r : r + 256]
+        wg = wr.reshape(wr.shape[0], -1, g)  # (o, groups, g)
+        ref = mx.einsum("ndg,odg->nod", xg, wg)
+        top = mx.abs(wg).max(axis=-1, keepdims=True)
+        best_err = mx.full(wg.shape[:2], float("inf"))
+        best_top = top
+        for i in range(int(config.max_shrink * config.clip_grid)):
+            limit = top * (1 - i / config.clip_grid)
+            wq = _qdq(mx.clip(wg, -limit, limit).reshape(wr.shape), spec).reshape(wg.shape)
+            err = ((mx.einsum("ndg,odg->nod", xg, wq) - ref) ** 2).sum(axis=0)
+            better = err < best_err
+            best_err = mx.where(better, err, best_err)
+            best_top = mx.where(better[..., None], limit, best_top)
+            mx.eval(best_err, best_top)
+        out_rows.append(mx.clip(wg, -best_top, best_top).reshape(wr.shape))
+    return mx.concatenate(out_rows)
+
+
+# -- driver -------------------------------------------------------------------------------
+
+
+def awq_quantize(
+    model: nn.Module,
+    tokens: mx.array,
+    recipe: QuantRecipe,
+    *,
+    config: AWQConfig | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Scale, clip, then quantize ``model`` in place per ``recipe``; the config block."""
+    config = config or AWQConfig()
+    plan = recipe.plan(model)
+    names = {id(m): p for p, m in model.named_modules()}
+    key = mx.random.key(config.seed)
+    extras = block_extras(model, tokens.shape[1])
+    hidden = block_inputs(model, tokens, batch_size=config.batch_size)
+    blocks = list(model.layers)
+    for i, block in enumerate(blocks):
+        prefix = names[id(block)] + "."
+        modules = dict(block.named_modules())
+        targets = [
+            p for p in linear_paths(block)
+            if isinstance(modules[p], nn.Linear) and plan.get(prefix + p) is not None
+        ]
+        inputs: dict[str, list[mx.array]] = {}
+
+        def keep(path: str, x: mx.array, y: mx.array) -> None:
+            inputs.setdefault(path, []).append(x)
+
+        with hooked(block, targets, keep):
+            outputs = run_block(block, hidden, extras[i])
+        for group, producer, variant in _discover(block, hidden[0][:1], extras[i], targets):
+            layers = [modules[p] for p in group]
+            specs = [plan[prefix + p] for p in group]
+            x = _rows(inputs[group[0]], config.search_tokens, key)
+            if producer is not None:
+                s = _search_scale(x, layers, specs, config.n_grid)  # type: ignore[arg-type]
+                _fold(modules[producer], variant or "", layers, s)
+                for p in group:
+                    inputs[p] = [a / s for a in inputs[p]]
+            for p, layer, spec in zip(group, layers, specs):
+                xc = _rows(inputs[p], config.clip_tokens, key)
+                layer.weight = _search_clip(xc, layer.weight, spec, config)  # type: ignore[arg-type]
+        mx.eval(block.parameters())
+        hidden = outputs  # the float block's outputs feed the next block, as in AWQ
+        if progress:
+            progress("awq", i + 1, len(blocks) + 1)
+    _clip_head(model, hidden, tokens, plan, config, key)
+    if progress:
+        progress("awq", len(blocks) + 1, len(blocks) + 1)
+    return recipe.apply(model, plan=plan)
+
+
+def _clip_head(model, hidden, tokens, plan, config, key) -> None:  # noqa: ANN001
+    inputs: dict[str, list[mx.array]] = {}
+
+    def keep(path: str, x: mx.array, y: mx.array) -> None:
+        if mx.issubdtype(x.dtype, mx.floating):
+            inputs.setdefault(path.removesuffix("#as_linear"), []).append(x)
+
+    tail_calls(model, hidden, tokens, batch_size=config.batch_size, callback=keep)
+    modules = dict(model.named_modules())
+    for path, xs in inputs.items():
+        spec = plan.get(path)
+        if spec is not None:
+            layer = modules[path]
+            layer.weight = _search_clip(_rows(xs, config.clip_tokens, key), layer.weight, spec, config)

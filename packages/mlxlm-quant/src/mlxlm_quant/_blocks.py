@@ -1,0 +1,188 @@
+"""Architecture-agnostic access to a model's blocks and to what flows into its layers.
+
+The learned quantizers never consult per-family tables. They rely only on the model
+contract (``model.layers`` is the list of blocks, each called with the residual stream as
+its first argument) and discover the rest by hooking the module tree: a :class:`Recorder`
+temporarily replaces a leaf layer, sees its input and output, and passes the call through.
+
+Blocks run one at a time: :func:`block_inputs` stops the model at its first block to
+collect the hidden states there, and :func:`block_extras` records, from one short probe,
+what else each block is called with (its attention mask, which may be a sliding window
+for some layers, and ``cache=None``), so a block can be replayed on any hidden state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+
+__all__ = [
+    "Recorder",
+    "block_extras",
+    "block_inputs",
+    "hooked",
+    "run_block",
+]
+
+Callback = Callable[[str, mx.array, mx.array], None]
+
+
+class _Stop(Exception):
+    """Raised by a catcher to cut a forward pass short."""
+
+
+class Recorder(nn.Module):
+    """Stands in for a leaf layer: calls it, then reports ``(path, input, output)``."""
+
+    def __init__(self, path: str, module: nn.Module, callback: Callback):
+        super().__init__()
+        self._path = path
+        self._callback = callback
+        self.inner = module
+
+    def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+        y = self.inner(x, *args, **kwargs)
+        self._callback(self._path, x, y)
+        return y
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        # A tied embedding used as the output head.
+        y = self.inner.as_linear(x)
+        self._callback(self._path + "#as_linear", x, y)
+        return y
+
+
+@contextmanager
+def hooked(root: nn.Module, paths: Sequence[str], callback: Callback) -> Iterator[None]:
+    """Within the block, calls of the leaves at ``paths`` (relative to ``root``) report."""
+    modules = dict(root.named_modules())
+    originals = [(p, modules[p]) for p in paths]
+    root.update_modules(tree_unflatten([(p, Recorder(p, m, callback)) for p, m in originals]))
+    try:
+        yield
+    finally:
+        root.update_modules(tree_unflatten(originals))
+
+
+def block_inputs(model: nn.Module, tokens: mx.array, *, batch_size: int) -> list[mx.array]:
+    """The hidden states entering the first block, one array per batch of ``tokens``."""
+    blocks = model.layers
+    first = blocks[0]
+    caught: list[mx.array] = []
+
+    class Catcher(nn.Module):
+        def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+            caught.append(x)
+            raise _Stop
+
+    blocks[0] = Catcher()
+    try:
+        for start in range(0, tokens.shape[0], batch_size):
+            try:
+                model(tokens[start : start + batch_size])
+            except _Stop:
+                pass
+            mx.eval(caught[-1])
+    finally:
+        blocks[0] = first
+    return caught
+
+
+def block_extras(model: nn.Module, length: int) -> list[tuple[tuple, dict]]:
+    """What each block is called with besides the hidden state, for inputs of ``length``."""
+    blocks = model.layers
+    extras: list[tuple[tuple, dict]] = []
+    originals = list(blocks)
+
+    class Spy(nn.Module):
+        def __init__(self, block: nn.Module):
+            super().__init__()
+            self.block = block
+
+        def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+            extras.append((args, kwargs))
+            if len(extras) == len(originals):
+                raise _Stop
+            return x  # the values do not matter, only the call signature
+
+    for i, block in enumerate(originals):
+        blocks[i] = Spy(block)
+    try:
+        model(mx.zeros((1, length), dtype=mx.int32))
+    except _Stop:
+        pass
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+    if len(extras) != len(originals):
+        raise RuntimeError("the model did not call each of its blocks once")
+    return extras
+
+
+def run_block(
+    block: nn.Module, hidden: Sequence[mx.array], extra: tuple[tuple, dict]
+) -> list[mx.array]:
+    """``block`` applied to each hidden batch, evaluated batch by batch to bound memory."""
+    args, kwargs = extra
+    out = []
+    for h in hidden:
+        y = block(h, *args, **kwargs)
+        mx.eval(y)
+        out.append(y)
+    return out
+
+
+def linear_paths(block: nn.Module) -> list[str]:
+    """Paths (relative to ``block``) of its layers with a 2-D or expert weight to quantize."""
+    return [
+        p
+        for p, m in block.named_modules()
+        if hasattr(m, "to_quantized") and getattr(m, "weight", None) is not None and p
+    ]
+
+
+def tail_calls(
+    model: nn.Module,
+    hidden: Sequence[mx.array],
+    tokens: mx.array,
+    *,
+    batch_size: int,
+    callback: Callback,
+) -> None:
+    """Run the model past its blocks on ``hidden`` (the last block's outputs), reporting
+    the calls of every quantizable layer outside the blocks (head, tied embedding)."""
+    blocks = model.layers
+    inside = {id(m) for b in blocks for _, m in b.named_modules()}
+    outside = [
+        p
+        for p, m in model.named_modules()
+        if hasattr(m, "to_quantized") and id(m) not in inside and p
+    ]
+    if not outside:
+        return
+    replay = iter(hidden)
+
+    class Replay(nn.Module):
+        def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+            return next(replay)
+
+    class Skip(nn.Module):
+        def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+            return x
+
+    originals = list(blocks)
+    blocks[0] = Replay()
+    for i in range(1, len(originals)):
+        blocks[i] = Skip()
+    try:
+        with hooked(model, outside, callback):
+            for start in range(0, tokens.shape[0], batch_size):
+                mx.eval(model(tokens[start : start + batch_size]))
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
