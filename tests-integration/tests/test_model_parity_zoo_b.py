@@ -35,6 +35,9 @@ ARCHS = [
     "minicpm_tied",
     "internlm2",
     "exaone",
+    "glm4",
+    "ernie4_5",
+    "smollm3",
 ]
 TOL = 1e-4
 

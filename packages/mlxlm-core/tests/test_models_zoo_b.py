@@ -62,6 +62,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     },
     "internlm2": {**_COMMON, "model_type": "internlm2", "bias": True},
     "exaone": {**_COMMON, "model_type": "exaone", "attention_bias": True, "mlp_bias": True},
+    "glm4": {**_COMMON, "model_type": "glm4", "head_dim": 32},
+    "ernie4_5": {**_COMMON, "model_type": "ernie4_5", "head_dim": 16, "use_bias": True},
+    "smollm3": {**_COMMON, "model_type": "smollm3", "no_rope_layer_interval": 2},
 }
 ARCHS = list(CONFIGS)
 
@@ -309,3 +312,42 @@ def test_minicpm_untied_config_over_a_headless_checkpoint_uses_the_embedding() -
     untied.load_weights(list(untied.sanitize(weights).items()), strict=True)
     seq = toks((1, 6), seed=13)
     assert max_diff(untied(seq), tied(seq)) <= 1e-5
+
+
+# -- SmolLM3 -----------------------------------------------------------------------------
+
+
+def test_smollm3_nope_layers_and_their_sliding_windows() -> None:
+    """transformers' reading: every interval-th block has no rope; with use_sliding_window
+    those blocks (or the ones layer_types marks) attend within the window."""
+    from mlxlm_core.models.smollm3 import NoRope
+
+    model = build("smollm3", num_hidden_layers=4, no_rope_layer_interval=2)
+    assert [isinstance(layer.self_attn.rope, NoRope) for layer in model.layers] == [
+        False,
+        True,
+        False,
+        True,
+    ]
+    assert model.model.windows == (None,) * 4  # sliding_window alone does nothing
+    windowed = build(
+        "smollm3",
+        num_hidden_layers=4,
+        no_rope_layer_interval=2,
+        use_sliding_window=True,
+        sliding_window=5,
+    )
+    assert windowed.model.windows == (None, 5, None, 5)
+    types = ["sliding_attention", "full_attention", "full_attention", "full_attention"]
+    explicit = build(
+        "smollm3", use_sliding_window=True, sliding_window=5, num_hidden_layers=4, layer_types=types
+    )
+    assert explicit.model.windows == (5, None, None, None)
+    # Mixed windows: each layer's rotating cache and mask still give the uncached forward.
+    seq = toks((2, 13), seed=14)
+    cache = make_prompt_cache(windowed, batch_size=2)
+    parts = [windowed(seq[:, :8], cache)] + [
+        windowed(seq[:, i : i + 1], cache) for i in range(8, 13)
+    ]
+    assert max_diff(mx.concatenate(parts, axis=1), windowed(seq)) <= 1e-4
+    assert [c.size() for c in cache] == [13, 5, 13, 5]

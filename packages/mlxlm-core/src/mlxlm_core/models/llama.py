@@ -84,8 +84,15 @@ class AttentionBase(nn.Module):
 
 
 class Attention(AttentionBase):
-    def __init__(self, args: ModelArgs, *, qk_norm: bool = False, bias: bool | None = None):
-        super().__init__(args)
+    def __init__(
+        self,
+        args: ModelArgs,
+        *,
+        qk_norm: bool = False,
+        bias: bool | None = None,
+        rope_dims: int | None = None,
+    ):
+        super().__init__(args, rope_dims=rope_dims)
         dim, head_dim = args.hidden_size, self.head_dim
         qkv_bias = args.attention_bias if bias is None else bias
         self.q_proj = nn.Linear(dim, self.n_heads * head_dim, bias=qkv_bias)
