@@ -211,6 +211,22 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         "hidden_act": "gelu_new",
         "tie_word_embeddings": False,
     },
+    # Command-R (v01's 0.0625 logit scale) and Command-R+ (per-head q/k LayerNorms).
+    "cohere": {
+        **{k: v for k, v in _COMMON.items() if k != "rms_norm_eps"},
+        "model_type": "cohere",
+        "layer_norm_eps": 1e-5,
+        "logit_scale": 0.0625,
+        "use_qk_norm": False,
+    },
+    "cohere_qk_norm": {
+        **{k: v for k, v in _COMMON.items() if k != "rms_norm_eps"},
+        "model_type": "cohere",
+        "layer_norm_eps": 1e-5,
+        "logit_scale": 0.8333,
+        "rope_theta": 75_000_000.0,
+        "use_qk_norm": True,
+    },
 }
 
 # Further families, each shaped like its real config (small widths, few layers).

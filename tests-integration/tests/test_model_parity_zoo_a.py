@@ -36,6 +36,8 @@ ARCHS = [
     "gpt2",
     "gpt_neox",
     "gpt_neox_sequential",
+    "cohere",
+    "cohere_qk_norm",
 ]
 TOL = 1e-4
 # Checkpoints of tied models that carry a copy of the head (mlx-lm's sanitize drops it).

@@ -107,6 +107,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "rotary_pct": 0.5,
         "tie_word_embeddings": True,
     },
+    "cohere": {
+        **{k: v for k, v in _COMMON.items() if k != "rms_norm_eps"},
+        "model_type": "cohere",
+        "logit_scale": 0.8333,
+        "use_qk_norm": True,
+    },
 }
 ARCHS = list(CONFIGS)
 SCALE = 4.0  # LoRA scale
@@ -535,3 +541,25 @@ def test_gpt_neox_sanitize_maps_hf_names_and_drops_buffers() -> None:
     assert set(source.sanitize(hf)) == set(ours)
     tied = build("gpt_neox")
     assert "embed_out" not in tied.model and "model.embed_out.weight" not in tied.sanitize(hf)
+
+
+# -- Cohere ---------------------------------------------------------------------------------
+
+
+def test_cohere_parallel_block_and_logit_scale() -> None:
+    """The block is x + attn(norm(x)) + mlp(norm(x)); logits are the tied head times
+    logit_scale; the q/k norms are per-head, bias-free LayerNorms."""
+    model = build("cohere")
+    layer = model.layers[0]
+    assert "post_attention_layernorm" not in layer and "bias" not in layer.input_layernorm
+    x = mx.random.normal((1, 4, 64))
+    h = layer.input_layernorm(x)
+    want = x + layer.self_attn(h, "causal", None) + layer.mlp(h)
+    assert max_diff(layer(x, "causal", None), want) <= 1e-5
+    q = mx.random.normal((1, 4, 4, 16))
+    norm = layer.self_attn.q_norm
+    mean, var = mx.mean(q, -1, keepdims=True), mx.var(q, -1, keepdims=True)
+    assert max_diff(norm(q), (q - mean) / mx.sqrt(var + 1e-5) * norm.weight) <= 1e-5
+    ids = toks((1, 5), seed=15)
+    hidden = model.model(ids)
+    assert max_diff(model(ids), model.model.embed_tokens.as_linear(hidden) * 0.8333) <= 1e-5

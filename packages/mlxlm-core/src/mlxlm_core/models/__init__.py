@@ -34,6 +34,7 @@ _MODULES: dict[str, str] = {
     "starcoder2": "starcoder2",
     "gpt2": "gpt2",
     "gpt_neox": "gpt_neox",
+    "cohere": "cohere",
     "qwen2_moe": "qwen2_moe",
     "olmo2": "olmo2",
     "granite": "granite",
