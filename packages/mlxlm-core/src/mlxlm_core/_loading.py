@@ -13,7 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ._errors import CheckpointError, InvalidArgumentError
-from ._policy import ExecutionPolicy, apply_policy, choose_policy
+from ._policy import ExecutionPolicy, apply_policy, choose_policy, dense_copies
 from ._resolve import resolve_model_path
 from ._tokenizer import TokenizerWrapper, load_tokenizer
 from .models import get_model_classes
@@ -75,8 +75,12 @@ def load_model(
     lazy: bool = False,
     model_config: dict[str, Any] | None = None,
     dtype: str = "auto",
+    weight_mode: str = "auto",
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Build the architecture from ``config.json`` and load its weights."""
+    """Build the architecture from ``config.json`` and load its weights.
+
+    ``dtype`` and ``weight_mode`` override the execution policy (see :func:`load`).
+    """
     config = load_config(model_path)
     config.update(model_config or {})
     model_cls, args_cls = get_model_classes(config["model_type"])
@@ -101,9 +105,8 @@ def load_model(
             f"{model_path}: {k} has shape {weights[k].shape}, expected {expected[k].shape}"
         )
     model.load_weights(list(weights.items()), strict=False)
-    policy = choose_policy(dtype)
-    apply_policy(model, policy)
-    model.policy = policy  # type: ignore[attr-defined]
+    policy = choose_policy(dtype, weight_mode, model=model)
+    model.policy = apply_policy(model, policy)  # type: ignore[attr-defined]
     if not lazy:
         _materialise(model, model_path)
     model.eval()
@@ -113,6 +116,7 @@ def load_model(
 def _materialise(model: nn.Module, model_path: Path) -> None:
     try:
         mx.eval(model.parameters())
+        mx.eval(dense_copies(model))  # after the parameters: one copy at a time in memory
     except (RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{model_path}: cannot read weights ({exc})") from None
 
@@ -125,21 +129,29 @@ def load(
     adapter_path: str | Path | None = None,
     lazy: bool = False,
     dtype: str = "auto",
+    weight_mode: str = "auto",
     revision: str | None = None,
     return_config: bool = False,
 ) -> Any:
     """Load ``(model, tokenizer)`` from a directory, a GGUF file or a Hugging Face repo.
 
-    ``None`` loads the default model (SmolLM2-135M-Instruct). ``dtype="auto"`` chooses the
-    parameter dtype per backend (float32 on CPU); ``adapter_path`` applies a LoRA/DoRA adapter.
+    ``None`` loads the default model (SmolLM2-135M-Instruct). ``adapter_path`` applies a
+    LoRA/DoRA adapter. The execution policy (:mod:`._policy`) is chosen per backend:
+    ``dtype`` (``auto``, ``keep``, ``float32``, ``float16``, ``bfloat16``) sets the dtype of
+    floating parameters (float32 on CPU), ``weight_mode`` how quantized layers multiply
+    (``auto``, ``native``: MLX's quantized kernels, ``quantized``: packed weights that
+    dequantize on the fly for multi-row inputs, ``dense``: a float copy kept beside them).
+    ``model.policy`` records the choice.
     """
     model_path = resolve_model_path(path_or_repo, revision=revision)
-    model, config = load_model(model_path, lazy=True, model_config=model_config, dtype=dtype)
+    model, config = load_model(
+        model_path, lazy=True, model_config=model_config, dtype=dtype, weight_mode=weight_mode
+    )
     if adapter_path is not None:
         from .adapters import load_adapters
 
         load_adapters(model, Path(adapter_path))
-        apply_policy(model, model.policy)
+        model.policy = apply_policy(model, model.policy)
     if not lazy:
         _materialise(model, model_path)
     eos = config.get("eos_token_id")

@@ -1,61 +1,201 @@
-"""Backend-aware execution policy: which dtype parameters and activations use.
+"""Backend-aware execution policy: dtypes, how quantized weights are multiplied, chunk sizes.
 
-Measured on MLX's Linux CPU backend (see DESIGN.md §8): a 4-bit matrix-vector product runs
-~2 GFLOP/s with float32 activations, ~0.05 with float16 and ~0.25 with bfloat16, and
-bfloat16 made SmolLM2's output degenerate. So on CPU every floating parameter (weights,
-quantization scales and biases, norms) is cast to float32; on GPU backends the checkpoint's
-own half-precision dtype is kept, as MLX-LM does.
+One place decides, per backend, what MLX-LM leaves to the checkpoint. Measured on MLX's
+Linux CPU backend (BENCHMARKS.md, DESIGN.md §8):
+
+- half precision is 20-40x slower than float32 there (a 4-bit matrix-vector product runs
+  ~2-3 GFLOP/s with float32 activations, ~0.05 with float16), so every floating parameter
+  (weights, quantization scales and biases, norms) becomes float32 and activations follow;
+- MLX's quantized kernels run on one core at ~2-3 GFLOP/s for one row *and* for many, while
+  a float32 matmul goes to the BLAS (see :mod:`._blas`): ~100 GFLOP/s and ~24 GB/s for a
+  matrix-vector product with MKL. Dequantizing a layer costs about one quantized
+  matrix-vector product, so any input of two or more rows (prompt chunks, batches) is
+  faster dequantized on the fly, and when the BLAS is optimised a resident float32 copy
+  of the quantized weights makes decoding ~4x faster at ~5x the weight memory. The copy is
+  kept when it fits a memory budget (``dense_budget_fraction`` of physical memory);
+- on GPU backends (CUDA, Metal) the checkpoint's dtype and MLX's quantized kernels stay,
+  as in MLX-LM; a CUDA- or Metal-specific choice belongs in ``_BACKENDS`` with its numbers.
+
+Overrides: ``load(..., dtype=..., weight_mode=...)``, the CLI's ``--dtype`` / ``--weight-mode``.
+``mlxlm generate --verbose`` prints :meth:`ExecutionPolicy.describe`.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ._blas import blas_info
 from ._errors import InvalidArgumentError
+from ._policy_layers import convert_quantized_layers, dense_bytes, dense_copies
 
-__all__ = ["ExecutionPolicy", "apply_policy", "choose_policy"]
+__all__ = [
+    "DTYPES",
+    "WEIGHT_MODES",
+    "ExecutionPolicy",
+    "apply_policy",
+    "choose_policy",
+    "current_backend",
+    "dense_copies",
+]
 
-_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+# How quantized weights are multiplied:
+#   native     MLX's quantized kernels for every product (MLX-LM's behaviour)
+#   quantized  packed weights only; inputs of >= dequantize_rows rows dequantize on the fly
+#   dense      a resident float copy beside the packed weights; every product is a float matmul
+WEIGHT_MODES = ("auto", "native", "quantized", "dense")
+
+
+@dataclass(frozen=True)
+class _BackendDefaults:
+    dtype: str | None  # None keeps the checkpoint's dtype
+    weight_mode: str  # the weight mode when no memory or BLAS condition applies
+    dequantize_rows: int | None
+    prefill_step_size: int
+
+
+# Per backend. CPU numbers: BENCHMARKS.md. GPU rows keep MLX-LM's choices until measured.
+_BACKENDS = {
+    "cpu": _BackendDefaults("float32", "dense", 2, 512),
+    "cuda": _BackendDefaults(None, "native", None, 2048),
+    "metal": _BackendDefaults(None, "native", None, 2048),
+}
+
+# A dense float copy is kept only if it takes at most this share of physical memory.
+DENSE_BUDGET_FRACTION = 0.25
 
 
 @dataclass(frozen=True)
 class ExecutionPolicy:
-    device: str  # "cpu" or "gpu"
-    dtype: str | None  # target dtype of floating parameters; None keeps the checkpoint's
+    """How a loaded model runs on this backend; ``describe()`` is what ``--verbose`` prints."""
+
+    backend: str  # "cpu", "cuda" or "metal"
+    dtype: str | None  # floating parameters (and so activations); None keeps the checkpoint's
+    weight_mode: str  # "native", "quantized" or "dense" (see WEIGHT_MODES)
+    dequantize_rows: int | None  # "quantized": inputs with this many rows dequantize on the fly
+    prefill_step_size: int  # prompt tokens per prefill chunk
+    blas: str  # what serves float32 matmuls on the CPU
     reason: str
+    dense_bytes: int = 0  # memory of the dense copies, once applied
 
     def describe(self) -> str:
-        target = self.dtype or "checkpoint dtype"
-        return f"device={self.device} params={target} ({self.reason})"
+        dtype = self.dtype or "checkpoint dtype"
+        mode = self.weight_mode
+        if self.weight_mode == "quantized" and self.dequantize_rows:
+            mode += f" (dequantized on the fly for >= {self.dequantize_rows} rows)"
+        if self.weight_mode == "dense" and self.dense_bytes:
+            mode += f" (+{self.dense_bytes / 1e6:.0f} MB float copy)"
+        return (
+            f"backend={self.backend} dtype={dtype} weight_mode={mode} "
+            f"prefill_step={self.prefill_step_size} blas={self.blas} [{self.reason}]"
+        )
 
 
-def choose_policy(dtype: str = "auto") -> ExecutionPolicy:
-    """``auto`` picks per backend; an explicit dtype (or ``keep``) overrides it."""
-    device = "gpu" if mx.default_device() == mx.gpu else "cpu"
+def current_backend() -> str:
+    if mx.default_device() != mx.gpu:
+        return "cpu"
+    if mx.metal.is_available():
+        return "metal"
+    return "cuda"
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def choose_policy(
+    dtype: str = "auto", weight_mode: str = "auto", *, model: nn.Module | None = None
+) -> ExecutionPolicy:
+    """``auto`` picks per backend; an explicit dtype (or ``keep``) or weight mode overrides it.
+
+    ``model`` (quantized layers still packed) sizes the dense copy against the memory budget.
+    """
+    if dtype != "auto" and dtype != "keep" and dtype not in DTYPES:
+        raise InvalidArgumentError(f"dtype must be auto, keep, {', '.join(DTYPES)}; got {dtype!r}")
+    if weight_mode not in WEIGHT_MODES:
+        raise InvalidArgumentError(
+            f"weight_mode must be one of {', '.join(WEIGHT_MODES)}; got {weight_mode!r}"
+        )
+    backend = current_backend()
+    defaults = _BACKENDS[backend]
+    blas = blas_info()
+    reasons = []
     if dtype == "auto":
-        if device == "cpu":
-            return ExecutionPolicy(device, "float32", "CPU kernels are 20-40x faster in float32")
-        return ExecutionPolicy(device, None, "GPU kernels run half precision natively")
-    if dtype == "keep":
-        return ExecutionPolicy(device, None, "requested")
-    if dtype not in _DTYPES:
-        raise InvalidArgumentError(f"dtype must be auto, keep, {', '.join(_DTYPES)}; got {dtype!r}")
-    return ExecutionPolicy(device, dtype, "requested")
+        chosen_dtype = defaults.dtype
+        if backend == "cpu":
+            reasons.append("float32: CPU half-precision kernels are 20-40x slower")
+    else:
+        chosen_dtype = None if dtype == "keep" else dtype
+        reasons.append(f"dtype={dtype} requested")
+    mode = weight_mode
+    if weight_mode == "auto":
+        mode = defaults.weight_mode
+        if backend == "cpu" and mode == "dense":
+            mode, why = _dense_or_quantized(blas.optimised, model, chosen_dtype)
+            reasons.append(why)
+    else:
+        reasons.append(f"weight_mode={weight_mode} requested")
+    return ExecutionPolicy(
+        backend=backend,
+        dtype=chosen_dtype,
+        weight_mode=mode,
+        dequantize_rows=(defaults.dequantize_rows or 2) if mode == "quantized" else None,
+        prefill_step_size=defaults.prefill_step_size,
+        blas=blas.name,
+        reason="; ".join(reasons) or "backend defaults",
+    )
 
 
-def apply_policy(model: nn.Module, policy: ExecutionPolicy) -> None:
-    """Cast the model's floating parameters to the policy's dtype, in place."""
-    if policy.dtype is None:
-        return
-    target = _DTYPES[policy.dtype]
-    changed = [
-        (name, value.astype(target))
-        for name, value in tree_flatten(model.parameters())
-        if mx.issubdtype(value.dtype, mx.floating) and value.dtype != target
-    ]
-    if changed:
-        model.update(tree_unflatten(changed))
+def _dense_or_quantized(
+    fast_blas: bool, model: nn.Module | None, dtype: str | None
+) -> tuple[str, str]:
+    if not fast_blas:
+        return "quantized", "no optimised BLAS: a dense copy would not pay for its memory"
+    if (dtype or _scales_dtype(model)) not in ("float32", None):
+        return "quantized", "dense copies pay only in float32 (the BLAS's dtype)"
+    itemsize = DTYPES[dtype].size if dtype else 4
+    need = dense_bytes(model, itemsize) if model is not None else 0
+    budget = (_physical_memory() or 0) * DENSE_BUDGET_FRACTION
+    if need > budget:
+        return "quantized", (
+            f"a dense copy ({need / 1e9:.1f} GB) exceeds {DENSE_BUDGET_FRACTION:.0%} of memory"
+        )
+    return "dense", "dense copy: the optimised BLAS beats MLX's quantized kernels ~4x"
+
+
+def _scales_dtype(model: nn.Module | None) -> str | None:
+    """The dtype quantized layers compute in when the checkpoint's dtype is kept."""
+    for layer in model.modules() if model is not None else []:
+        if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            return str(layer["scales"].dtype).removeprefix("mlx.core.")
+    return None
+
+
+def apply_policy(model: nn.Module, policy: ExecutionPolicy) -> ExecutionPolicy:
+    """Cast floating parameters and set how quantized layers multiply, in place.
+
+    Returns the policy with the memory of the dense copies filled in. The copies stay lazy
+    like the parameters: loading evaluates both (see :func:`dense_copies`).
+    """
+    if policy.dtype is not None:
+        target = DTYPES[policy.dtype]
+        changed = [
+            (name, value.astype(target))
+            for name, value in tree_flatten(model.parameters())
+            if mx.issubdtype(value.dtype, mx.floating) and value.dtype != target
+        ]
+        if changed:
+            model.update(tree_unflatten(changed))
+    dense = policy.weight_mode == "dense"
+    convert_quantized_layers(model, dense=dense, dequantize_rows=policy.dequantize_rows)
+    total = sum(c.nbytes for c in dense_copies(model))
+    return ExecutionPolicy(**{**policy.__dict__, "dense_bytes": total})

@@ -55,6 +55,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="parameter dtype (auto: float32 on CPU, the checkpoint's dtype on GPU)",
     )
     group.add_argument(
+        "--weight-mode",
+        default="auto",
+        choices=["auto", "native", "quantized", "dense"],
+        help="how quantized layers multiply (auto: per backend; native: MLX's quantized "
+        "kernels; quantized: dequantize on the fly for prompts and batches; dense: keep a "
+        "float copy, fastest on CPU with an optimised BLAS, more memory)",
+    )
+    group.add_argument(
         "--eos-token",
         action="append",
         default=None,
@@ -140,6 +148,7 @@ def load_from_args(args: argparse.Namespace, **extra: Any) -> tuple[Any, ...]:
         args.model,
         adapter_path=args.adapter_path,
         dtype=args.dtype,
+        weight_mode=getattr(args, "weight_mode", "auto"),
         revision=args.revision,
         **extra,
     )

@@ -86,7 +86,12 @@ def run(args: argparse.Namespace) -> int:
     # is an execution choice, not something to bake into a converted model.
     explicit = args.dtype if args.dtype in CONVERSION_DTYPES else None
     model, tokenizer, config = load(
-        args.model, dtype="keep", revision=args.revision, lazy=True, return_config=True
+        args.model,
+        dtype="keep",
+        weight_mode="native",  # no dense copies: converting computes nothing with them
+        revision=args.revision,
+        lazy=True,
+        return_config=True,
     )
     config = dict(config)
     if args.quantize and _is_quantized(config):

@@ -78,7 +78,10 @@ def run(args: argparse.Namespace) -> int:
     text = read_prompt(args.prompt)
     model, tokenizer = load_from_args(args)
     if args.verbose:
+        from .._blas import blas_info
+
         print(f"[mlxlm] {describe_policy(model)}", file=sys.stderr)
+        print(f"[mlxlm] blas: {blas_info().describe()}", file=sys.stderr)
     prompt_cache = None
     if args.prompt_cache_file:
         prompt_cache, meta = load_prompt_cache(args.prompt_cache_file, return_metadata=True)
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         prompt = _suffix_after_cache(prompt, json.loads(meta.get("tokens", "[]")), prompt_cache)
     draft = None
     if args.draft_model:
-        draft, _ = load(args.draft_model, dtype=args.dtype)
+        draft, _ = load(args.draft_model, dtype=args.dtype, weight_mode=args.weight_mode)
     options: dict[str, Any] = dict(
         max_tokens=args.max_tokens,
         max_kv_size=args.max_kv_size,

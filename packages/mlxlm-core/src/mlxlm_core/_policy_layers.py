@@ -1,0 +1,155 @@
+"""Quantized layers whose matmul follows the execution policy (see :mod:`._policy`).
+
+They are ``nn.QuantizedLinear`` / ``nn.QuantizedEmbedding`` in every respect that other code
+sees (``isinstance``, parameters, saving, adapters, fusing): the packed weight, scales and
+biases stay the parameters. Only the product changes, in one of two ways:
+
+- a *dense copy*: a float weight kept beside the packed one, under an ``_``-prefixed key so
+  MLX never treats it as a parameter (it is not saved, trained or counted as one). Every
+  product is then a float matmul, which an optimised BLAS runs 5-20x faster on CPU than
+  MLX's quantized kernels;
+- *dequantize on the fly*: when the input has at least ``dequantize_rows`` rows (a prompt
+  chunk, a batch), the layer's weight is dequantized for this call only and multiplied as
+  float. Dequantizing costs about one quantized matrix-vector product, so from two rows on
+  it wins, and memory stays that of the packed weights plus one layer's float weight.
+
+A dense copy goes stale if the packed weight is replaced (``load_weights``, ``update``): each
+call checks that the arrays it was made from are still the layer's, and rebuilds otherwise.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+__all__ = [
+    "PolicyQuantizedEmbedding",
+    "PolicyQuantizedLinear",
+    "convert_quantized_layers",
+    "dense_bytes",
+    "dense_copies",
+]
+
+
+def _dequantized(layer: nn.Module) -> mx.array:
+    return mx.dequantize(
+        layer["weight"],
+        layer["scales"],
+        layer.get("biases"),
+        group_size=layer.group_size,
+        bits=layer.bits,
+        mode=layer.mode,
+    )
+
+
+def _rows(x: mx.array) -> int:
+    rows = 1
+    for d in x.shape[:-1]:
+        rows *= d
+    return rows
+
+
+class _PolicyMixin:
+    """Shared state: an optional dense copy and the row threshold for dequantizing."""
+
+    _dequantize_rows: int | None = None
+
+    def configure(self, *, dense: bool, dequantize_rows: int | None) -> None:
+        self._dequantize_rows = dequantize_rows
+        if dense:
+            if self.dense_weight() is None:  # made once; rebuilt only if the weight changed
+                self._refresh()
+        else:
+            self.pop("_dense", None)  # type: ignore[attr-defined]
+            self.pop("_dense_of", None)  # type: ignore[attr-defined]
+
+    def _refresh(self) -> mx.array:
+        source = (self["weight"], self["scales"])  # type: ignore[index]
+        self._dense = _dequantized(self)  # type: ignore[arg-type]
+        self._dense_of = source
+        return self._dense
+
+    def dense_weight(self) -> mx.array | None:
+        """The float copy if this layer keeps one (rebuilt if the packed weight changed)."""
+        if "_dense" not in self:  # type: ignore[operator]
+            return None
+        weight, scales = self._dense_of
+        if weight is not self["weight"] or scales is not self["scales"]:  # type: ignore[index]
+            return self._refresh()
+        return self._dense
+
+    def _float_weight(self, x: mx.array) -> mx.array | None:
+        dense = self.dense_weight()
+        if dense is not None:
+            return dense
+        if self._dequantize_rows is not None and _rows(x) >= self._dequantize_rows:
+            return _dequantized(self)  # type: ignore[arg-type]
+        return None
+
+
+class PolicyQuantizedLinear(_PolicyMixin, nn.QuantizedLinear):
+    def __call__(self, x: mx.array) -> mx.array:
+        weight = self._float_weight(x)
+        if weight is None:
+            return super().__call__(x)
+        if "bias" in self:
+            return mx.addmm(self["bias"], x, weight.T)
+        return x @ weight.T
+
+
+class PolicyQuantizedEmbedding(_PolicyMixin, nn.QuantizedEmbedding):
+    def __call__(self, x: mx.array) -> mx.array:
+        dense = self.dense_weight()
+        return super().__call__(x) if dense is None else dense[x]
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        weight = self._float_weight(x)
+        return super().as_linear(x) if weight is None else x @ weight.T
+
+
+_SWAPS: dict[type, type] = {
+    nn.QuantizedLinear: PolicyQuantizedLinear,
+    nn.QuantizedEmbedding: PolicyQuantizedEmbedding,
+}
+
+
+def convert_quantized_layers(
+    model: nn.Module, *, dense: bool, dequantize_rows: int | None
+) -> list[nn.Module]:
+    """Give every plain quantized linear/embedding the policy's matmul; returns them.
+
+    The class of each layer is switched in place (same object, same parameters), so
+    references held elsewhere (adapters wrapping a layer) stay valid. Subclasses that other
+    code defined are left alone: their ``__call__`` may do something this one would not.
+    """
+    layers = []
+    for module in model.modules():
+        cls = type(module)
+        if cls in _SWAPS:
+            module.__class__ = _SWAPS[cls]
+        if isinstance(module, _PolicyMixin):
+            module.configure(dense=dense, dequantize_rows=dequantize_rows)
+            layers.append(module)
+    return layers
+
+
+def dense_copies(model: nn.Module) -> list[mx.array]:
+    """The dense copies the model's layers keep (to evaluate with the parameters)."""
+    copies = []
+    for module in model.modules():
+        if isinstance(module, _PolicyMixin):
+            dense = module.dense_weight()
+            if dense is not None:
+                copies.append(dense)
+    return copies
+
+
+def dense_bytes(model: nn.Module, itemsize: int) -> int:
+    """Bytes a dense copy of every plain quantized layer's weight would take."""
+    total = 0
+    for module in model.modules():
+        if type(module) in _SWAPS or isinstance(module, _PolicyMixin):
+            rows = module["weight"].shape[0]
+            cols = module["scales"].shape[-1] * module.group_size
+            total += rows * cols * itemsize
+    return total
