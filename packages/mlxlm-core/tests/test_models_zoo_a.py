@@ -563,3 +563,75 @@ def test_cohere_parallel_block_and_logit_scale() -> None:
     ids = toks((1, 5), seed=15)
     hidden = model.model(ids)
     assert max_diff(model(ids), model.model.embed_tokens.as_linear(hidden) * 0.8333) <= 1e-5
+
+
+# -- tensor parallelism over two real ranks -------------------------------------------------
+
+_SHARD_WORKER = """
+import json, sys
+import mlx.core as mx
+from test_models_zoo_a import ARCHS, build, max_diff, toks
+from mlxlm_core.cache import make_prompt_cache
+
+group = mx.distributed.init(backend="ring", strict=True)
+diffs = {}
+for name in ARCHS:
+    seq = toks((2, 9), seed=16)
+    want = build(name, seed=1)(seq)
+    model = build(name, seed=1)
+    model.shard(group)
+    cache = make_prompt_cache(model, batch_size=2)
+    got = mx.concatenate([model(seq[:, :7], cache), model(seq[:, 7:8], cache),
+                          model(seq[:, 8:], cache)], axis=1)
+    diffs[name] = max_diff(got, want)
+if group.rank() == 0:
+    print(json.dumps(diffs))
+"""
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_shard_over_two_ranks_matches_the_unsharded_model(tmp_path) -> None:
+    """Two processes joined by MLX's ring backend over loopback: each architecture split in
+    two (heads, fused q/k/v segments, per-head norms, experts' hidden units) gives the
+    unsharded logits, for a prefill and cached decode steps."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(2)]))
+    env = {
+        **os.environ,
+        "MLX_HOSTFILE": str(hostfile),
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SHARD_WORKER],
+            env={**env, "MLX_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
+    diffs = json.loads(outputs[0][0].strip().splitlines()[-1])
+    assert set(diffs) == set(ARCHS)
+    assert all(d <= 1e-4 for d in diffs.values()), diffs
