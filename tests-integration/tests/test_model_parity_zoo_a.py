@@ -176,3 +176,21 @@ def test_our_parameters_are_an_mlx_lm_checkpoint(pair) -> None:
     ref = load_into(reference(config), dict(tree_flatten(ours.parameters())))
     prompt = tokens((2, 7), seed=9)
     assert max_diff(ours(prompt), ref(prompt)) <= TOL
+
+
+def test_our_quantized_parameters_are_an_mlx_lm_checkpoint(pair) -> None:
+    """4-bit: our packed weights, scales and biases load into mlx-lm the way its loader
+    does it (quantize the modules that have scales) and give the same logits."""
+    _, config, ours, _ = pair
+    model_cls, args_cls = get_model_classes(config["model_type"])
+    quantized = model_cls(args_cls.from_dict(config))
+    quantized.load_weights(tree_flatten(ours.parameters()), strict=True)
+    nn.quantize(quantized, group_size=32, bits=4)
+    weights = dict(tree_flatten(quantized.parameters()))
+    ref = reference(config)
+    if hasattr(ref, "sanitize"):
+        weights = ref.sanitize(weights)
+    nn.quantize(ref, group_size=32, bits=4, class_predicate=lambda p, _: f"{p}.scales" in weights)
+    ref.load_weights(list(weights.items()), strict=True)
+    prompt = tokens((2, 7), seed=13)
+    assert max_diff(quantized(prompt), ref(prompt)) <= TOL

@@ -395,6 +395,15 @@ def test_gemma3_reads_layer_types_and_nested_rope_parameters() -> None:
     assert (glob.base, glob.scale) == (1_000_000.0, 0.5)
 
 
+def test_gemma_untied_config_whose_checkpoint_has_no_head_uses_the_embeddings() -> None:
+    source = build("gemma3_text")  # tied: no lm_head among its parameters
+    weights = dict(tree_flatten(source.parameters()))
+    untied = build("gemma3_text", tie_word_embeddings=False, seed=5)
+    untied.load_weights(list(untied.sanitize(weights).items()), strict=True)
+    ids = toks((1, 6), seed=17)
+    assert "lm_head" in untied and max_diff(untied(ids), source(ids)) <= 1e-6
+
+
 # -- Phi-3 ----------------------------------------------------------------------------------
 
 
