@@ -161,7 +161,10 @@ def _explicit_attention(
     v = tree_map(lambda a: mx.expand_dims(a, 2), values)
     if quantized:
         bits, group = quantized
-        scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group, bits=bits)
+        k_packed, k_scales, k_biases = k
+        scores = mx.quantized_matmul(
+            q, k_packed, k_scales, k_biases, transpose=True, group_size=group, bits=bits
+        )
     else:
         scores = q @ k.swapaxes(-1, -2)
     if softcap is not None:
@@ -177,7 +180,10 @@ def _explicit_attention(
     weights = mx.softmax(scores, axis=-1, precise=True)
     if quantized:
         bits, group = quantized
-        out = mx.quantized_matmul(weights, *v, transpose=False, group_size=group, bits=bits)
+        v_packed, v_scales, v_biases = v
+        out = mx.quantized_matmul(
+            weights, v_packed, v_scales, v_biases, transpose=False, group_size=group, bits=bits
+        )
     else:
         out = weights @ v
     return out.reshape(batch, q_heads, length, -1)

@@ -100,8 +100,9 @@ class Attention(AttentionBase):
         self.v_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * head_dim, dim, bias=args.attention_bias)
         if qk_norm:
-            self.q_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
-            self.k_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
+            # nn.Module-typed: families swap in their own norms (Gemma's, Cohere's).
+            self.q_norm: nn.Module = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
+            self.k_norm: nn.Module = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, mask: Any, cache: KVCache | None) -> mx.array:
         batch, length, _ = x.shape
@@ -136,8 +137,10 @@ class DecoderLayer(nn.Module):
             if mlp is None
             else mlp
         )
-        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.input_layernorm: nn.Module = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm: nn.Module = nn.RMSNorm(
+            args.hidden_size, eps=args.rms_norm_eps
+        )
 
     def __call__(self, x: mx.array, mask: Any, cache: KVCache | None) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
@@ -157,7 +160,7 @@ class DecoderStack(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = layers
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.norm: nn.Module = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         # Each layer's sliding window (None: global); a tuple, so never taken for a parameter.
         self.windows: tuple[int | None, ...] = (
             tuple(windows) if windows is not None else (args.sliding_window,) * len(layers)
