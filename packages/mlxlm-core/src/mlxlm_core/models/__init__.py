@@ -44,6 +44,9 @@ _MODULES: dict[str, str] = {
     "glm4": "glm4",
     "ernie4_5": "ernie4_5",
     "smollm3": "smollm3",
+    "deepseek_v2": "deepseek_v2",
+    "deepseek_v3": "deepseek_v3",
+    "kimi_k2": "deepseek_v3",
 }
 
 
