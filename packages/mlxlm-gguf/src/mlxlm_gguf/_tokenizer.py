@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from mlxlm_core import CheckpointError, UnsupportedError
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 
 from ._reader import GGUFFile
 from ._spm import build_spm_tokenizer
@@ -22,17 +31,24 @@ from ._spm import build_spm_tokenizer
 # llama.cpp token types (tokenizer.ggml.token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
-# Llama 3's split pattern, as in its tokenizer.json (llama.cpp calls it "llama-bpe").
+# Split patterns as the tokenizer.json files spell them (llama.cpp: "llama-bpe", "qwen2").
 _LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+_QWEN2_PATTERN = _LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 # llama.cpp's names for Llama 3's pre-tokenizer.
 LLAMA3_PRES = ("llama-bpe", "llama3", "llama-v3")
+QWEN2_PRES = ("qwen2", "deepseek-r1-qwen")
 
 
 def _byte_level(*, use_regex: bool) -> pre_tokenizers.ByteLevel:
     return pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=use_regex)
+
+
+def _split_then_bytes(pattern: str) -> pre_tokenizers.PreTokenizer:
+    split = pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False)
+    return pre_tokenizers.Sequence([split, _byte_level(use_regex=False)])
 
 
 def _pre_tokenizer(pre: str) -> tuple[pre_tokenizers.PreTokenizer, bool]:
@@ -48,10 +64,38 @@ def _pre_tokenizer(pre: str) -> tuple[pre_tokenizers.PreTokenizer, bool]:
         seq = [pre_tokenizers.Digits(individual_digits=True), _byte_level(use_regex=True)]
         return pre_tokenizers.Sequence(seq), False
     if pre in LLAMA3_PRES:
-        split = pre_tokenizers.Split(Regex(_LLAMA3_PATTERN), behavior="isolated", invert=False)
         # Llama 3 looks whole words up in the vocabulary before merging (llama.cpp agrees).
-        return pre_tokenizers.Sequence([split, _byte_level(use_regex=False)]), True
+        return _split_then_bytes(_LLAMA3_PATTERN), True
+    if pre in QWEN2_PRES:
+        return _split_then_bytes(_QWEN2_PATTERN), False
     raise UnsupportedError(f"GGUF pre-tokenizer {pre!r} is not supported")
+
+
+# What export writes for a byte-level BPE whose pre-tokenizer matches one of ours.
+EXPORT_PRES = ("gpt-2", "smollm", "llama-bpe", "qwen2")
+
+
+def _signature(node: Any) -> Any:
+    """A pre-tokenizer's JSON without what cannot change ids (offset trimming)."""
+    if isinstance(node, dict):
+        if node.get("type") == "Sequence" and len(node.get("pretokenizers", [])) == 1:
+            return _signature(node["pretokenizers"][0])
+        return {k: _signature(v) for k, v in node.items() if k != "trim_offsets"}
+    if isinstance(node, list):
+        return [_signature(v) for v in node]
+    return node
+
+
+def pre_tokenizer_name(pre_json: dict[str, Any] | None) -> str | None:
+    """llama.cpp's name for a tokenizer.json pre-tokenizer, if it is one we know."""
+    if pre_json is None:
+        return None
+    wanted = _signature(pre_json)
+    for name in EXPORT_PRES:
+        built = json.loads(_pre_tokenizer(name)[0].__getstate__())
+        if _signature(built) == wanted:
+            return name
+    return None
 
 
 @dataclass
@@ -127,6 +171,8 @@ def _bpe_tokenizer(f: GGUFFile, tokens: list[str]) -> Tokenizer:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
     tok.pre_tokenizer = pre_tok
     tok.decoder = decoders.ByteLevel()
+    if pre in QWEN2_PRES:
+        tok.normalizer = normalizers.NFC()  # as Qwen's own tokenizer.json does
     return tok
 
 
