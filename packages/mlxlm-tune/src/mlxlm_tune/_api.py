@@ -188,6 +188,7 @@ def train(
         save_every=config.save_every,
         clear_cache_threshold=config.clear_cache_threshold,
         compile=config.compile,
+        seed=config.seed,
     )
     chosen_callbacks = (
         list(callbacks) if callbacks is not None else _default_callbacks(config, run_dir)

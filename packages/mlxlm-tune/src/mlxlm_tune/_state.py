@@ -5,8 +5,12 @@ A checkpoint at step N of a run in ``DIR`` is three files beside the adapter:
 - ``DIR/000000N_adapters.safetensors``: the trainable weights (MLX-LM's checkpoint name,
   so MLX-LM and ``load_adapters`` read it as an adapter);
 - ``DIR/000000N_optimizer.safetensors``: every array of the optimizer state (moments,
-  step count) and MLX's random key (dropout draws continue where they stopped);
+  step count);
 - ``DIR/000000N_state.json``: the step, where the data stream stands, and the format version.
+
+The random state needs no file: the trainer seeds MLX's generator from ``(seed, step)`` at
+every step (MLX offers no way to set its key back), so the dropout masks of step N+1 are
+the same whether or not the run stopped at step N.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ from ._batching import DataPosition
 __all__ = ["CHECKPOINT_VERSION", "TrainingState", "find_checkpoint", "read_state", "write_state"]
 
 CHECKPOINT_VERSION = 1
-_RNG_KEY = "__mx_random_state__"
 _STEP_FILE = re.compile(r"^(\d{7,})_state\.json$")
 
 
@@ -58,10 +61,9 @@ def write_state(
     optimizer: optim.Optimizer,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the optimizer/RNG/data files of a checkpoint (the weights are the caller's)."""
+    """Write the optimizer and data-position files of a checkpoint (weights: the caller)."""
     _, opt_file, state_file = _names(folder, step)
     arrays = dict(tree_flatten(optimizer.state))
-    arrays[_RNG_KEY] = mx.random.state[0]
     mx.save_safetensors(str(opt_file), arrays)
     document = {
         "checkpoint_version": CHECKPOINT_VERSION,
@@ -122,7 +124,7 @@ def read_state(path: str | Path) -> TrainingState:
 
 
 def restore_state(state: TrainingState, model: nn.Module, optimizer: optim.Optimizer) -> None:
-    """Load the checkpoint's weights, optimizer state and RNG key into ``model``/``optimizer``."""
+    """Load the checkpoint's weights and optimizer state into ``model`` / ``optimizer``."""
     try:
         weights = mx.load(str(state.weights_file))
         arrays = mx.load(str(state.optimizer_file))
@@ -146,7 +148,6 @@ def restore_state(state: TrainingState, model: nn.Module, optimizer: optim.Optim
                 f"expected {tuple(trainable[name].shape)}"
             )
     model.load_weights(list(weights.items()), strict=False)
-    rng = arrays.pop(_RNG_KEY, None)
     optimizer.init(model.trainable_parameters())
     current = dict(tree_flatten(optimizer.state))
     if set(current) != set(arrays):
@@ -155,6 +156,4 @@ def restore_state(state: TrainingState, model: nn.Module, optimizer: optim.Optim
             f"{state.optimizer_file}: optimizer state does not match this optimizer ({diff})"
         )
     optimizer.state = tree_unflatten(list(arrays.items()))
-    if rng is not None:
-        mx.random.state[0] = rng
     mx.eval(model.parameters(), optimizer.state)

@@ -47,6 +47,10 @@ class TrainerOptions:
     save_every: int = 100
     clear_cache_threshold: int = 0
     compile: bool = True
+    #: MLX's generator is reseeded from (seed, step) before every step, so randomness
+    #: (dropout) depends only on the step and a resumed run draws what it would have.
+    #: None leaves the generator alone.
+    seed: int | None = 0
 
     def __post_init__(self) -> None:
         for name in ("iters", "grad_accumulation_steps", "steps_per_report", "steps_per_eval"):
@@ -129,11 +133,17 @@ class Trainer:
     def _grad_fn(self, batch: Batch) -> Callable[..., Any]:
         key = (batch.preference, *sorted(_arrays(batch)))
         if key not in self._grad_fns:
-            value_and_grad = nn.value_and_grad(self.model, self._loss_on_arrays(batch.preference))
-            fn = value_and_grad
+            model = self.model
+            value_and_grad = nn.value_and_grad(model, self._loss_on_arrays(batch.preference))
+
+            def fn(arrays: dict[str, mx.array]) -> Any:
+                return value_and_grad(model, arrays)
+
             if self.options.compile:
-                state = [self.model.state, mx.random.state]
-                fn = mx.compile(value_and_grad, inputs=state, outputs=state)
+                # The model is captured state, not an argument: compile would hand a
+                # plain dict of its arrays to the function instead of the module.
+                state = [model.state, mx.random.state]
+                fn = mx.compile(fn, inputs=state, outputs=state)
             self._grad_fns[key] = fn
         return self._grad_fns[key]
 
@@ -147,10 +157,12 @@ class Trainer:
 
     def train_step(self, batches: Sequence[Batch]) -> tuple[float, float]:
         """One optimizer update from ``batches`` (accumulated); returns (mean loss, count)."""
+        if self.options.seed is not None:
+            mx.random.seed(self.options.seed * 1_000_003 + self.step)
         grads: Any = None
         total_loss, total_count = mx.array(0.0), mx.array(0.0)
         for batch in batches:
-            (value, count), g = self._grad_fn(batch)(self.model, _arrays(batch))
+            (value, count), g = self._grad_fn(batch)(_arrays(batch))
             g = tree_map(lambda x, c=count: x * c, g)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             total_loss, total_count = total_loss + value * count, total_count + count
