@@ -99,7 +99,7 @@ def _discover(
 ) -> list[tuple[list[str], str | None, str | None]]:
     """``(group paths, producer path, fold variant)`` for the block's target layers."""
     modules = dict(block.named_modules())
-    leaves = [p for p, m in modules.items() if p and not m.children() or p in targets]
+    leaves = [p for p, m in modules.items() if (p and not m.children()) or p in targets]
     leaves = [p for p in leaves if p and not modules[p].children()]
     seen: dict[str, tuple[mx.array, mx.array]] = {}
 
@@ -125,8 +125,11 @@ def _discover(
         wide = [
             p
             for p in leaves
-            if p in seen and isinstance(modules[p], nn.Linear) and p not in group
-            and seen[p][1].shape[-1] == x.shape[-1] and p not in exact
+            if p in seen
+            and isinstance(modules[p], nn.Linear)
+            and p not in group
+            and seen[p][1].shape[-1] == x.shape[-1]
+            and p not in exact
         ]
         choice: tuple[str | None, str | None] = (None, None)
         for cand in exact + wide:
@@ -140,7 +143,7 @@ def _discover(
     return found
 
 
-def _verified(block, probe, extra, ref, modules, cand, variant, group, dim) -> bool:  # noqa: ANN001
+def _verified(block, probe, extra, ref, modules, cand, variant, group, dim) -> bool:
     saved = block.parameters()
     s = mx.random.uniform(0.5, 2.0, (dim,), key=mx.random.key(dim))
     try:
@@ -155,7 +158,7 @@ def _verified(block, probe, extra, ref, modules, cand, variant, group, dim) -> b
 # -- searches -----------------------------------------------------------------------------
 
 
-def _search_scale(x: mx.array, layers: list[nn.Module], specs: list[QuantSpec], n_grid: int):  # noqa: ANN202
+def _search_scale(x: mx.array, layers: list[nn.Module], specs: list[QuantSpec], n_grid: int):
     x_mean = mx.abs(x).mean(axis=0)
     refs = [x @ layer.weight.T for layer in layers]
     best, best_s = float("inf"), None
@@ -219,12 +222,13 @@ def awq_quantize(
         prefix = names[id(block)] + "."
         modules = dict(block.named_modules())
         targets = [
-            p for p in linear_paths(block)
+            p
+            for p in linear_paths(block)
             if isinstance(modules[p], nn.Linear) and plan.get(prefix + p) is not None
         ]
         inputs: dict[str, list[mx.array]] = {}
 
-        def keep(path: str, x: mx.array, y: mx.array) -> None:
+        def keep(path: str, x: mx.array, y: mx.array, inputs: dict = inputs) -> None:
             inputs.setdefault(path, []).append(x)
 
         with hooked(block, targets, keep):
@@ -251,7 +255,7 @@ def awq_quantize(
     return recipe.apply(model, plan=plan)
 
 
-def _clip_head(model, hidden, tokens, plan, config, key) -> None:  # noqa: ANN001
+def _clip_head(model, hidden, tokens, plan, config, key) -> None:
     inputs: dict[str, list[mx.array]] = {}
 
     def keep(path: str, x: mx.array, y: mx.array) -> None:
@@ -264,4 +268,6 @@ def _clip_head(model, hidden, tokens, plan, config, key) -> None:  # noqa: ANN00
         spec = plan.get(path)
         if spec is not None:
             layer = modules[path]
-            layer.weight = _search_clip(_rows(xs, config.clip_tokens, key), layer.weight, spec, config)
+            layer.weight = _search_clip(
+                _rows(xs, config.clip_tokens, key), layer.weight, spec, config
+            )

@@ -14,7 +14,7 @@ for some layers, and ``cache=None``), so a block can be replayed on any hidden s
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import mlx.core as mx
@@ -83,10 +83,8 @@ def block_inputs(model: nn.Module, tokens: mx.array, *, batch_size: int) -> list
     blocks[0] = Catcher()
     try:
         for start in range(0, tokens.shape[0], batch_size):
-            try:
+            with suppress(_Stop):
                 model(tokens[start : start + batch_size])
-            except _Stop:
-                pass
             mx.eval(caught[-1])
     finally:
         blocks[0] = first

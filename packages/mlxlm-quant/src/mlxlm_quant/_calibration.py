@@ -24,9 +24,7 @@ BUILTIN_CALIBRATION_NAME = "mlxlm_quant/data/calibration.txt"
 
 def builtin_calibration_text() -> str:
     return (
-        importlib.resources.files("mlxlm_quant")
-        .joinpath("data/calibration.txt")
-        .read_text("utf-8")
+        importlib.resources.files("mlxlm_quant").joinpath("data/calibration.txt").read_text("utf-8")
     )
 
 

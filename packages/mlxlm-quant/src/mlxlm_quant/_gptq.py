@@ -176,7 +176,7 @@ def gptq_quantize(
     return _finish(model, plan, recipe, done)
 
 
-def _gptq_head(model, blocks, hidden, gptq_layers, tokens, config) -> None:  # noqa: ANN001
+def _gptq_head(model, blocks, hidden, gptq_layers, tokens, config) -> None:
     """GPTQ for the layers after the blocks (the head), fed the final hidden states."""
     hess = _Hessians()
     tail_calls(model, hidden, tokens, batch_size=config.batch_size, callback=hess)
@@ -199,7 +199,7 @@ def _finish(
     rest = {p: (None if p in done else s) for p, s in plan.items()}
     config = quantize_with_plan(model, rest, default=recipe.spec)
     model.update_modules(tree_unflatten(list(done.items())))
-    for path, layer in done.items():
+    for path in done:
         spec = plan[path]
         assert spec is not None
         if spec != recipe.spec:

@@ -121,7 +121,7 @@ class QuantRecipe:
             )
         if self.group_size is None:
             object.__setattr__(self, "group_size", QUANT_MODES[self.mode][2])
-        self.spec  # validates bits/group/mode
+        _ = self.spec  # validates bits/group/mode
         for rule in self.rules:
             self._rule_spec(rule)
 
@@ -249,7 +249,9 @@ class QuantRecipe:
             try:
                 data = yaml.safe_load(text)
             except yaml.YAMLError as exc:
-                raise InvalidArgumentError(f"{path}: invalid YAML ({exc})".replace("\n", " ")) from None
+                raise InvalidArgumentError(
+                    f"{path}: invalid YAML ({exc})".replace("\n", " ")
+                ) from None
         else:
             try:
                 data = json.loads(text)
@@ -277,7 +279,10 @@ def quantize_with_plan(
         return False if spec is None else spec.as_config()
 
     return quantize_model(
-        model, bits=default.bits, group_size=default.group_size, mode=default.mode,
+        model,
+        bits=default.bits,
+        group_size=default.group_size,
+        mode=default.mode,
         predicate=predicate,
     )
 
