@@ -14,8 +14,10 @@ sets, the reference gets an equivalent spelling (``_REF_OVERRIDES``); each is ex
 from __future__ import annotations
 
 import importlib
+import json
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -24,6 +26,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import cache as ref_cache
+from mlxlm_core import load_model
 from mlxlm_core.cache import make_prompt_cache
 from mlxlm_core.models import get_model_classes
 
@@ -38,6 +41,9 @@ ARCHS = [
     "glm4",
     "ernie4_5",
     "smollm3",
+    "deepseek_v2",
+    "deepseek_v2_grouped",
+    "deepseek_v3",
 ]
 TOL = 1e-4
 
@@ -190,3 +196,33 @@ def test_greedy_tokens_identical(pair) -> None:
     prompt = tokens((1, 7), seed=3)
     got = greedy(ours, make_prompt_cache(ours), prompt, 24)
     assert got == greedy(ref, ref_cache.make_prompt_cache(ref), prompt, 24)
+
+
+@pytest.mark.parametrize("name", ["deepseek_v2", "deepseek_v3"])
+def test_mlx_lm_quantized_deepseek_checkpoint_loads(
+    name: str, tiny_config: Callable, tiny_model: Callable, tmp_path: Path
+) -> None:
+    """An 8-bit checkpoint as mlx-lm converts it loads through our loader. mlx-lm's V3
+    stores the per-head embed_q/unembed_out we use (same logits); its V2 stores one
+    quantized kv_b_proj, which our sanitize dequantizes, splits and quantizes again with
+    the same bits and group size (close logits: each part is re-rounded)."""
+    config = tiny_config(name)
+    source = perturb_constants(tiny_model(name, seed=21), seed=21)
+    decisive = [(k, 10 * v) for k, v in tree_flatten(source.parameters()) if ".gate.weight" in k]
+    source.load_weights(decisive, strict=False)  # trained routers are decisive
+    _, ref = load_pair(name, config, source)
+    nn.quantize(ref, group_size=32, bits=8)
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), dict(tree_flatten(ref.parameters())))
+    quantized_config = {**config, "quantization": {"group_size": 32, "bits": 8}}
+    (tmp_path / "config.json").write_text(json.dumps(quantized_config))
+    ours, _ = load_model(tmp_path)
+    kinds = {type(m).__name__ for _, m in ours.named_modules()}
+    assert "QuantizedMultiLinear" in kinds and "MultiLinear" not in kinds
+    prompt = tokens((2, 9), seed=22)
+    want = ref(prompt)
+    tol = TOL if name == "deepseek_v3" else 0.02 * float(mx.max(mx.abs(want)).item())
+    assert max_diff(ours(prompt), want) <= tol
+    our_cache, ref_c = make_prompt_cache(ours), ref_cache.make_prompt_cache(ref)
+    ours(prompt[:1], our_cache), ref(prompt[:1], cache=ref_c)
+    step = tokens((1, 1), seed=23)
+    assert max_diff(ours(step, our_cache), ref(step, cache=ref_c)) <= tol

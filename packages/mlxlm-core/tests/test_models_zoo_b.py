@@ -65,6 +65,41 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "glm4": {**_COMMON, "model_type": "glm4", "head_dim": 32},
     "ernie4_5": {**_COMMON, "model_type": "ernie4_5", "head_dim": 16, "use_bias": True},
     "smollm3": {**_COMMON, "model_type": "smollm3", "no_rope_layer_interval": 2},
+    "deepseek_v2": {
+        **_COMMON,
+        "model_type": "deepseek_v2",
+        "q_lora_rank": None,
+        "kv_lora_rank": 32,
+        "qk_nope_head_dim": 32,
+        "qk_rope_head_dim": 16,
+        "v_head_dim": 16,
+        "n_routed_experts": 8,
+        "n_shared_experts": 2,
+        "num_experts_per_tok": 3,
+        "moe_intermediate_size": 32,
+        "first_k_dense_replace": 1,
+        "topk_method": "group_limited_greedy",
+        "n_group": 2,
+        "topk_group": 1,
+        "routed_scaling_factor": 16.0,
+        "rope_scaling": {"type": "yarn", "factor": 40.0, "mscale": 1.0, "mscale_all_dim": 0.707},
+    },
+    "deepseek_v3": {
+        **_COMMON,
+        "model_type": "deepseek_v3",
+        "q_lora_rank": 32,
+        "kv_lora_rank": 32,
+        "qk_nope_head_dim": 32,
+        "qk_rope_head_dim": 16,
+        "v_head_dim": 32,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "first_k_dense_replace": 1,
+        "n_group": 4,
+        "topk_group": 2,
+        "rope_scaling": {"type": "yarn", "factor": 40.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+    },
 }
 ARCHS = list(CONFIGS)
 
@@ -183,7 +218,8 @@ def test_quantized_weights(name: str) -> None:
     with the dequantized weights computes, and 8 bits stay within 3% of the float logits.
     Routers are made decisive (as trained ones are) so rounding does not swap experts."""
     model = build(name)
-    decisive = [(k, 10 * v) for k, v in tree_flatten(model.parameters()) if ".gate.weight" in k]
+    # x3: decisive, yet short of saturating DeepSeek-V3's sigmoid scores into ties.
+    decisive = [(k, 3 * v) for k, v in tree_flatten(model.parameters()) if ".gate.weight" in k]
     model.load_weights(decisive, strict=False)
     seq = toks((1, 12), seed=7)
     want = model(seq)
@@ -351,3 +387,77 @@ def test_smollm3_nope_layers_and_their_sliding_windows() -> None:
     ]
     assert max_diff(mx.concatenate(parts, axis=1), windowed(seq)) <= 1e-4
     assert [c.size() for c in cache] == [13, 5, 13, 5]
+
+
+# -- DeepSeek ----------------------------------------------------------------------------
+
+
+def _np_v3_route(logits: np.ndarray, bias: np.ndarray, *, k: int, groups: int, keep: int):
+    """transformers' DeepseekV3TopkRouter, one token: (chosen experts, their weights)."""
+    scores = 1 / (1 + np.exp(-logits))
+    choice = scores + bias
+    per_group = choice.reshape(groups, -1)
+    group_scores = np.sort(per_group, axis=-1)[:, -2:].sum(-1)
+    kept = np.argsort(-group_scores)[:keep]
+    mask = np.full_like(per_group, -np.inf)
+    mask[kept] = 0
+    chosen = np.argsort(-(per_group + mask).reshape(-1))[:k]
+    weights = scores[chosen] / (scores[chosen].sum() + 1e-20)
+    return chosen, weights
+
+
+def _np_v2_grouped_route(logits: np.ndarray, *, k: int, groups: int, keep: int):
+    """transformers' DeepseekV2TopkRouter (group_limited_greedy), one token."""
+    scores = np.exp(logits - logits.max())
+    scores /= scores.sum()
+    per_group = scores.reshape(groups, -1).copy()
+    per_group[np.argsort(-per_group.max(-1))[keep:]] = 0.0
+    masked = per_group.reshape(-1)
+    chosen = np.argsort(-masked)[:k]
+    return chosen, masked[chosen]
+
+
+@pytest.mark.parametrize("name", ["deepseek_v2", "deepseek_v3"])
+def test_deepseek_router_matches_transformers_definition(name: str) -> None:
+    model = build(name)
+    router = model.layers[1].mlp.gate
+    rng = np.random.default_rng(4)
+    router.weight = mx.array(rng.normal(size=router.weight.shape).astype(np.float32))
+    if name == "deepseek_v3":
+        # Negative biased scores: experts of excluded groups must lose even to those.
+        bias = 0.5 * rng.normal(size=8) - 2.0
+        router.e_score_correction_bias = mx.array(bias.astype(np.float32))
+    x = mx.array(rng.normal(size=(2, 7, 64)).astype(np.float32))
+    indices, weights = router(x)
+    logits = _np(x) @ _np(router.weight).T
+    for pos in np.ndindex(2, 7):
+        if name == "deepseek_v3":
+            bias = _np(router.e_score_correction_bias)
+            chosen, want = _np_v3_route(logits[pos], bias, k=2, groups=4, keep=2)
+            want = want * router.scaling  # routed_scaling_factor (2.5 by default)
+        else:
+            chosen, want = _np_v2_grouped_route(logits[pos], k=3, groups=2, keep=1)
+            want = want * 16.0
+        got = dict(zip(np.array(indices[pos]).tolist(), np.array(weights[pos]).tolist()))
+        assert sorted(got) == sorted(chosen.tolist()), pos
+        np.testing.assert_allclose([got[e] for e in chosen], want, rtol=1e-5)
+
+
+def test_deepseek_sanitize_drops_prediction_heads_and_refuses_kv_bits() -> None:
+    from mlxlm_core._errors import UnsupportedError
+
+    model = build("deepseek_v3")
+    weights = dict(tree_flatten(model.parameters()))
+    extra = {"model.layers.2.eh_proj.weight": mx.zeros((64, 128))}  # an MTP block
+    assert set(model.sanitize({**weights, **extra})) == set(weights)
+    with pytest.raises(UnsupportedError, match="kv_bits"):
+        make_prompt_cache(model, kv_bits=8)
+
+
+def test_deepseek_cache_holds_the_latent_only() -> None:
+    """Per token and layer the cache keeps kv_lora_rank + qk_rope_head_dim numbers."""
+    model = build("deepseek_v3")
+    cache = make_prompt_cache(model)
+    model(toks((1, 5)), cache)
+    keys, values = cache[0].state
+    assert keys.shape == (1, 1, 5, 32) and values.shape == (1, 1, 5, 16)
