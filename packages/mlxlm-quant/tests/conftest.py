@@ -38,7 +38,7 @@ def _tokenizer(folder: Path) -> int:
 
 
 def write_tiny(folder: Path, *, layers: int = 2, tied: bool = True, seed: int = 7) -> Path:
-    """A llama directory: hidden 64 (groups of 32 and 64 fit), random float32 weights with
+    """A llama directory: hidden 128 (groups of 32, 64 and 128 fit), random float32 weights with
     non-trivial norms so that a misplaced scale shows."""
     from mlxlm_core.models import get_model_classes
 
@@ -46,9 +46,9 @@ def write_tiny(folder: Path, *, layers: int = 2, tied: bool = True, seed: int = 
     vocab = _tokenizer(folder)
     config = {
         "model_type": "llama",
-        "hidden_size": 64,
+        "hidden_size": 128,
         "num_hidden_layers": layers,
-        "intermediate_size": 128,
+        "intermediate_size": 256,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "rms_norm_eps": 1e-5,

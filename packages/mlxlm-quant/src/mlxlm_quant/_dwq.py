@@ -24,7 +24,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_unflatten
 
-from ._pack import quantized_from_codes
+from ._pack import pack_codes
 from ._recipe import QuantRecipe
 
 __all__ = ["DWQConfig", "dwq_quantize"]
@@ -82,10 +82,11 @@ class _FakeQuant(nn.Module):
         return x @ self.dense().T
 
     def back(self, original: nn.Module) -> nn.Module:
+        """``original`` (the quantized layer this replaced) carrying the trained values."""
         codes = np.array(self._codes).astype(np.int64)
-        return quantized_from_codes(
-            original, codes, self.scales, self.biases, bits=self.bits, group_size=self.group_size
-        )
+        original.weight = mx.array(pack_codes(codes, self.bits))
+        original.scales, original.biases = self.scales, self.biases
+        return original
 
 
 def dwq_quantize(
