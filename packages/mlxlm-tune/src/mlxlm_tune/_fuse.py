@@ -19,7 +19,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 from mlxlm_core import InvalidArgumentError
 from mlxlm_core.adapters import AdapterLayer, fuse_adapters, load_adapters
 from mlxlm_core.quantize import dequantize_model
@@ -108,6 +108,21 @@ def _save_dtype(config: dict[str, Any], dtype: str | None) -> str:
     return declared if declared in ("float16", "bfloat16", "float32") else "float16"
 
 
+def _cast(model: nn.Module, dtype: str, *, half: list[str]) -> None:
+    """Floating parameters to ``dtype``; the layers in ``half`` to float16 whatever it is."""
+    target = getattr(mx, dtype)
+    prefixes = tuple(f"{p}." for p in half)
+    changed = []
+    for name, value in tree_flatten(model.parameters()):
+        if not mx.issubdtype(value.dtype, mx.floating):
+            continue
+        wanted = mx.float16 if name.startswith(prefixes) else target
+        if value.dtype != wanted:
+            changed.append((name, value.astype(wanted)))
+    if changed:
+        model.update(tree_unflatten(changed))
+
+
 def fuse(
     model: str | Path | None,
     adapter_path: str | Path,
@@ -171,8 +186,8 @@ def fuse(
         for key in ("quantization", "quantization_config"):
             if isinstance(config.get(key), dict):
                 config[key] = {**config[key], **dict.fromkeys(quantized, False)}
-    target = _save_dtype(config, dtype)
-    save(save_dir, loaded, tokenizer, config, dtype=target)
+    _cast(loaded, _save_dtype(config, dtype), half=quantized if mode == "float16-layers" else [])
+    save(save_dir, loaded, tokenizer, config)
     gguf_path = None
     if export_gguf is not None:
         gguf_path = Path(export_gguf)
