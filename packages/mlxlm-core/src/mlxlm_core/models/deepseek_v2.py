@@ -107,7 +107,7 @@ class MoE(SparseMoE):
             top_k=args.num_experts_per_tok,
             normalize_top_k=False,  # the router decides
         )
-        self.gate = router
+        self.gate = router  # type: ignore[assignment]  # not SparseMoE's plain Linear
         if args.n_shared_experts:
             hidden = args.moe_intermediate_size * args.n_shared_experts
             self.shared_experts = llama.MLP(args.hidden_size, hidden)

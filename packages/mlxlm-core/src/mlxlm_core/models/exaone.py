@@ -125,7 +125,7 @@ class Model(nn.Module):
         return self.transformer.wte.as_linear(h)
 
     @property
-    def layers(self) -> list[nn.Module]:
+    def layers(self) -> list[Block]:
         return self.transformer.h
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:

@@ -54,7 +54,7 @@ class Model(llama.Model):
 
     def build_layers(self, args: llama.ModelArgs) -> list[nn.Module]:
         assert isinstance(args, ModelArgs)
-        layers = []
+        layers: list[nn.Module] = []
         for _ in range(args.num_hidden_layers):
             attn = llama.Attention(args)
             attn.scale = args.attention_multiplier

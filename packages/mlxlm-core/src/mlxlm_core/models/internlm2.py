@@ -108,7 +108,7 @@ class Model(nn.Module):
         return self.model.tok_embeddings.as_linear(h)
 
     @property
-    def layers(self) -> list[nn.Module]:
+    def layers(self) -> list[DecoderLayer]:
         return self.model.layers
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:

@@ -67,7 +67,8 @@ class DynamicNTKRope(Rope):
         self.original_base = base
 
     def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
-        last = x.shape[-2] + (offset if isinstance(offset, int) else int(mx.max(offset).item()))
+        furthest = offset if isinstance(offset, int) else int(mx.max(offset).item())  # type: ignore[arg-type]
+        last = x.shape[-2] + furthest
         seq_len = max(last, self.max_len)
         growth = (self.factor * seq_len / self.max_len) - (self.factor - 1)
         self.base = self.original_base * growth ** (self.dims / (self.dims - 2))
@@ -102,7 +103,7 @@ def _yarn(dims: int, base: float, cfg: dict[str, Any]) -> tuple[mx.array, float]
         return dims * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
     low = max(math.floor(correction_dim(beta_fast)), 0)
-    high = min(math.ceil(correction_dim(beta_slow)), dims - 1)
+    high: float = min(math.ceil(correction_dim(beta_slow)), dims - 1)
     if low == high:
         high += 0.001
     ramp = mx.clip((mx.arange(dims // 2, dtype=mx.float32) - low) / (high - low), 0, 1)
