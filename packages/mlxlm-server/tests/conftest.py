@@ -25,7 +25,7 @@ def serve(tiny_dir: Path) -> Callable[..., Any]:
     def make(**options: Any) -> Iterator[LiveServer]:
         options.setdefault("model", str(tiny_dir))
         options.setdefault("served_model_name", "tiny")
-        options.setdefault("max_tokens_limit", 256)
+        options.setdefault("max_tokens_limit", 512)
         options.setdefault("default_max_tokens", 32)
         config = ServerConfig(**options)
         slots, base = load_slots(config)

@@ -28,7 +28,7 @@ from ._structured_schema import ANY, FREE_STRING, AnyValue, Arr, Lit, Num, Obj, 
 
 __all__ = ["Automaton"]
 
-MAX_WS = 12  # whitespace bytes allowed in one gap: pretty-printing, but no endless spaces
+MAX_WS = 6  # whitespace bytes in one gap: room for a newline and indentation, no more
 MAX_DIGITS = 20  # digits in one part of a number: a model cannot run on forever
 MAX_DEPTH = 24  # nesting of free-form values
 _WS = frozenset(b" \n")  # a subset of JSON whitespace: tabs and CRs only invite junk
