@@ -422,6 +422,15 @@ _MORE_FAMILIES: dict[str, dict[str, Any]] = {
         },
         "tie_word_embeddings": False,
     },
+    "internlm3": {
+        **_COMMON,
+        "model_type": "internlm3",
+        "head_dim": 16,
+        "bias": True,  # InternLM3-8B says False for both; True also checks where biases load
+        "qkv_bias": True,
+        "rope_theta": 50_000_000.0,
+        "tie_word_embeddings": False,
+    },
 }
 TINY_CONFIGS.update(_MORE_FAMILIES)
 

@@ -37,6 +37,7 @@ ARCHS = [
     "minicpm",
     "minicpm_tied",
     "internlm2",
+    "internlm3",
     "exaone",
     "glm4",
     "ernie4_5",

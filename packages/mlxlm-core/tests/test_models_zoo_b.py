@@ -61,6 +61,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "dim_model_base": 16,
     },
     "internlm2": {**_COMMON, "model_type": "internlm2", "bias": True},
+    "internlm3": {
+        **_COMMON,
+        "model_type": "internlm3",
+        "head_dim": 16,
+        "qkv_bias": True,  # o_proj and MLP unbiased (bias: False)
+        "bias": False,
+    },
     "exaone": {**_COMMON, "model_type": "exaone", "attention_bias": True, "mlp_bias": True},
     "glm4": {**_COMMON, "model_type": "glm4", "head_dim": 32},
     "ernie4_5": {**_COMMON, "model_type": "ernie4_5", "head_dim": 16, "use_bias": True},
@@ -461,3 +468,15 @@ def test_deepseek_cache_holds_the_latent_only() -> None:
     model(toks((1, 5)), cache)
     keys, values = cache[0].state
     assert keys.shape == (1, 1, 5, 32) and values.shape == (1, 1, 5, 16)
+
+
+def test_internlm3_bias_switches() -> None:
+    model = build("internlm3")
+    params = dict(tree_flatten(model.parameters()))
+    assert "model.layers.0.self_attn.q_proj.bias" in params
+    assert "model.layers.0.self_attn.o_proj.bias" not in params
+    assert "model.layers.0.mlp.up_proj.bias" not in params
+    # transformers' spelling alone (no InternLM keys) means the same thing.
+    _, args_cls = get_model_classes("internlm3")
+    args = args_cls.from_dict({**_COMMON, "model_type": "internlm3", "attention_bias": True})
+    assert args.qkv_bias and args.attention_bias and not args.mlp_bias

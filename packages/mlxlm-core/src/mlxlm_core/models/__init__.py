@@ -47,6 +47,7 @@ _MODULES: dict[str, str] = {
     "deepseek_v2": "deepseek_v2",
     "deepseek_v3": "deepseek_v3",
     "kimi_k2": "deepseek_v3",
+    "internlm3": "internlm3",
 }
 
 
