@@ -431,6 +431,26 @@ _MORE_FAMILIES: dict[str, dict[str, Any]] = {
         "rope_theta": 50_000_000.0,
         "tie_word_embeddings": False,
     },
+    "glm4_moe": {
+        # GLM-4.5's shape: partial rope, q/k norms, sigmoid-routed experts + a shared one
+        **_COMMON,
+        "model_type": "glm4_moe",
+        "head_dim": 32,
+        "partial_rotary_factor": 0.5,
+        "use_qk_norm": True,
+        "attention_bias": True,
+        "rope_scaling": None,
+        "n_routed_experts": 8,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "first_k_dense_replace": 1,
+        "n_group": 1,
+        "topk_group": 1,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 2.5,
+        "tie_word_embeddings": False,
+    },
 }
 TINY_CONFIGS.update(_MORE_FAMILIES)
 

@@ -48,6 +48,7 @@ _MODULES: dict[str, str] = {
     "deepseek_v3": "deepseek_v3",
     "kimi_k2": "deepseek_v3",
     "internlm3": "internlm3",
+    "glm4_moe": "glm4_moe",
 }
 
 
