@@ -70,6 +70,17 @@ CONFIGS: dict[str, dict[str, Any]] = {
     },
     "exaone": {**_COMMON, "model_type": "exaone", "attention_bias": True, "mlp_bias": True},
     "glm4": {**_COMMON, "model_type": "glm4", "head_dim": 32},
+    "glm4_moe": {
+        **_COMMON,
+        "model_type": "glm4_moe",
+        "head_dim": 32,
+        "use_qk_norm": True,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "n_group": 2,
+        "topk_group": 1,
+    },
     "ernie4_5": {**_COMMON, "model_type": "ernie4_5", "head_dim": 16, "use_bias": True},
     "smollm3": {**_COMMON, "model_type": "smollm3", "no_rope_layer_interval": 2},
     "deepseek_v2": {

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -163,7 +163,9 @@ class Model(llama.Model):
     def make_cache(
         self, policy: CachePolicy, *, batch_size: int = 1, left_padding: Sequence[int] | None = None
     ) -> list[KVCache]:
-        if policy.kv_bits is not None:
+        if policy.kv_bits is not None and isinstance(
+            self.layers[0].self_attn, MultiHeadLatentAttention
+        ):
             raise UnsupportedError(
                 f"kv_bits with {self.model_type}: its cache already holds a compressed latent"
             )
@@ -173,15 +175,19 @@ class Model(llama.Model):
         group = group or mx.distributed.init()
         for layer in self.layers:
             shard_mla(layer.self_attn, group)
-            mlp: Any = layer.mlp
-            if isinstance(mlp, MoE):
-                shard_sparse_moe(mlp, group)
-                if "shared_experts" in mlp:  # in place: MoE's one all-reduce covers it
-                    shared = mlp.shared_experts
-                    shard_inplace(shared.gate_proj, "all-to-sharded", group=group)
-                    shard_inplace(shared.up_proj, "all-to-sharded", group=group)
-                    shard_inplace(shared.down_proj, "sharded-to-all", group=group)
+            if isinstance(layer.mlp, MoE):
+                shard_moe(layer.mlp, group)
             else:
                 shard_projections(
-                    mlp, group, split_out=["gate_proj", "up_proj"], split_in=["down_proj"]
+                    layer.mlp, group, split_out=["gate_proj", "up_proj"], split_in=["down_proj"]
                 )
+
+
+def shard_moe(moe: MoE, group: mx.distributed.Group) -> None:
+    """Slice every routed and shared expert's hidden dimension; one all-reduce sums all."""
+    shard_sparse_moe(moe, group)
+    if "shared_experts" in moe:  # in place: the MoE's own all-reduce completes it
+        shared = moe.shared_experts
+        shard_inplace(shared.gate_proj, "all-to-sharded", group=group)
+        shard_inplace(shared.up_proj, "all-to-sharded", group=group)
+        shard_inplace(shared.down_proj, "sharded-to-all", group=group)
