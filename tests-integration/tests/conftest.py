@@ -451,6 +451,24 @@ _MORE_FAMILIES: dict[str, dict[str, Any]] = {
         "routed_scaling_factor": 2.5,
         "tie_word_embeddings": False,
     },
+    "olmo3": {
+        # OLMo 3's layout: three sliding-window blocks, then a full one with yarn rope
+        **_COMMON,
+        "model_type": "olmo3",
+        "num_hidden_layers": 4,
+        "num_key_value_heads": 4,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 500000.0,
+        "sliding_window": 6,
+        "rope_scaling": {
+            "rope_type": "yarn",
+            "factor": 8.0,
+            "original_max_position_embeddings": 64,
+            "beta_fast": 32,
+            "beta_slow": 1,
+        },
+        "tie_word_embeddings": False,
+    },
 }
 TINY_CONFIGS.update(_MORE_FAMILIES)
 

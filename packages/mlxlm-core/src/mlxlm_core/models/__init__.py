@@ -49,6 +49,7 @@ _MODULES: dict[str, str] = {
     "kimi_k2": "deepseek_v3",
     "internlm3": "internlm3",
     "glm4_moe": "glm4_moe",
+    "olmo3": "olmo3",
 }
 
 
