@@ -33,6 +33,7 @@ from mlxlm_core.models import get_model_classes
 ARCHS = [
     "qwen2_moe",
     "olmo2",
+    "olmo3",
     "granite",
     "minicpm",
     "minicpm_tied",

@@ -45,6 +45,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "mlp_only_layers": [1],
     },
     "olmo2": {**_COMMON, "model_type": "olmo2"},
+    "olmo3": {**_COMMON, "model_type": "olmo3", "num_hidden_layers": 4, "sliding_window": 5},
     "granite": {
         **_COMMON,
         "model_type": "granite",
@@ -145,6 +146,12 @@ def max_diff(a: mx.array, b: mx.array) -> float:
     return float(mx.max(mx.abs(a.astype(mx.float32) - b.astype(mx.float32))).item())
 
 
+def windows(model: nn.Module) -> list[int | None]:
+    """Each layer's sliding window (Llama-derived stacks record them)."""
+    stack = getattr(model, "model", None)
+    return list(getattr(stack, "windows", None) or [None] * len(model.layers))
+
+
 def rel_diff(a: mx.array, b: mx.array) -> float:
     return max_diff(a, b) / float(mx.max(mx.abs(b)).item())
 
@@ -169,7 +176,7 @@ def test_forward_shapes_and_dtypes(name: str, dtype: mx.Dtype) -> None:
     step = model(toks((2, 1), seed=1), cache)
     assert step.shape == (2, 1, 128) and step.dtype == dtype
     assert bool(mx.all(mx.isfinite(step)).item())
-    assert all(c.size() == 6 for c in cache)
+    assert [c.size() for c in cache] == [min(6, w or 6) for w in windows(model)]
 
 
 def test_cached_decode_equals_uncached_forward(arch: tuple[str, nn.Module]) -> None:
@@ -186,6 +193,10 @@ def test_trim_then_refeed_gives_same_logits(arch: tuple[str, nn.Module]) -> None
     prompt, more = toks((1, 10), seed=3), toks((1, 4), seed=4)
     cache = make_prompt_cache(model)
     model(prompt, cache)
+    if any(windows(model)):
+        # A window rotates its history out, so it refuses to trim instead of corrupting.
+        assert not can_trim_prompt_cache(cache) and trim_prompt_cache(cache, 4) == 0
+        return
     assert can_trim_prompt_cache(cache)
     first = model(more, cache)
     assert trim_prompt_cache(cache, 4) == 4
@@ -491,3 +502,58 @@ def test_internlm3_bias_switches() -> None:
     _, args_cls = get_model_classes("internlm3")
     args = args_cls.from_dict({**_COMMON, "model_type": "internlm3", "attention_bias": True})
     assert args.qkv_bias and args.attention_bias and not args.mlp_bias
+
+
+# -- Sliding windows (OLMo 3, Qwen2-MoE, SmolLM3) -----------------------------------------
+
+_ONE_WINDOWED_LAYER = {
+    "olmo3": {"layer_types": ["sliding_attention"]},
+    "qwen2_moe": {"use_sliding_window": True, "max_window_layers": 0, "mlp_only_layers": []},
+    "smollm3": {"use_sliding_window": True, "no_rope_layers": [0]},
+}
+
+
+@pytest.mark.parametrize("name", list(_ONE_WINDOWED_LAYER))
+def test_sliding_window_matches_cropped_input(name: str) -> None:
+    """With one windowed layer, position t sees exactly tokens t-w+1..t (rope is relative),
+    so the last logits of the cropped input equal position t of the full run, uncached
+    (windowed mask) and cached (a rotating cache of the window's size)."""
+    window = 6
+    model = build(name, num_hidden_layers=1, sliding_window=window, **_ONE_WINDOWED_LAYER[name])
+    assert windows(model) == [window]
+    seq = toks((1, 17), seed=6)
+    full = model(seq)
+    cache = make_prompt_cache(model)
+    cached = mx.concatenate(
+        [model(seq[:, :10], cache)] + [model(seq[:, i : i + 1], cache) for i in range(10, 17)],
+        axis=1,
+    )
+    assert all(c.size() <= window for c in cache)
+    for t in range(window - 1, 17):
+        crop = model(seq[:, t - window + 1 : t + 1])[:, -1]
+        assert max_diff(full[:, t], crop) <= 1e-4, t
+        assert max_diff(cached[:, t], crop) <= 1e-4, t
+
+
+def test_olmo3_reads_per_layer_type_rope_parameters() -> None:
+    """transformers 5 nests the rope per layer type; both spellings give one model."""
+    yarn = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64}
+    old = {**CONFIGS["olmo3"], "rope_theta": 5000.0, "rope_scaling": yarn}
+    new = {k: v for k, v in old.items() if k not in ("rope_theta", "rope_scaling")}
+    new["rope_parameters"] = {
+        "full_attention": {**yarn, "rope_theta": 5000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 5000.0},
+    }
+    a = build("olmo3", rope_theta=5000.0, rope_scaling=yarn)
+    model_cls, args_cls = get_model_classes("olmo3")
+    b = model_cls(args_cls.from_dict(new))
+    b.update(a.parameters())
+    seq = toks((1, 12), seed=15)
+    assert max_diff(a(seq), b(seq)) == 0
+    # Only the full layer (the fourth) carries the yarn scaling.
+    assert [layer.self_attn.rope.input_scale != 1.0 for layer in b.layers] == [
+        False,
+        False,
+        False,
+        True,
+    ]

@@ -112,9 +112,10 @@ def _yarn(dims: int, base: float, cfg: dict[str, Any]) -> tuple[mx.array, float]
     interpolated = factor * periods
     freqs = (interpolated * periods) / (interpolated * extrapolate + periods * (1 - extrapolate))
 
-    input_scale = _yarn_mscale(factor, cfg.get("mscale", 1)) / _yarn_mscale(
-        factor, cfg.get("mscale_all_dim", 0)
-    )
+    # An explicit attention_factor (transformers' name) overrides the mscale ratio.
+    input_scale = cfg.get("attention_factor") or _yarn_mscale(
+        factor, cfg.get("mscale", 1)
+    ) / _yarn_mscale(factor, cfg.get("mscale_all_dim", 0))
     return freqs, input_scale
 
 
