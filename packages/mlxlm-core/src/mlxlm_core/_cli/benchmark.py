@@ -4,6 +4,14 @@ Prompts are random token ids (seeded), and end-of-sequence never stops a run, so
 does exactly ``-p`` prompt and ``-g`` generated tokens per sequence. Batch size 1 times the
 single-sequence path (``generate_step``); larger batches time the continuous-batching engine.
 One untimed warm-up run comes first; the reported figure is the median over trials.
+
+``--compare mlx-lm[,llama.cpp]`` times the peers on the same checkpoint and prompt ids, each
+engine (mlxlm too) in a worker process of its own so peak memory is per engine; trials
+alternate between engines and the medians come with ratios mlxlm / peer. MLX-LM runs with its
+default settings and, unless ``--peer-blas same``, MLX's bundled BLAS (as installed);
+llama.cpp (``llama-cpp-python``) reads the GGUF file with ``--threads`` threads.
+``--bandwidth`` adds the memory-bandwidth bound: a large-copy bandwidth divided by the bytes
+of weights each engine reads per generated token.
 """
 
 from __future__ import annotations
@@ -94,10 +102,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-trials", "-n", type=positive_int, default=5)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--compare",
+        default=None,
+        help="peers to time in the same run, comma-separated: mlx-lm, llama.cpp",
+    )
+    parser.add_argument("--gguf", default=None, help="GGUF file for llama.cpp (default model's)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="llama.cpp threads")
+    parser.add_argument(
+        "--peer-blas",
+        choices=["default", "same"],
+        default="default",
+        help="MLX-LM's BLAS: MLX's bundled one as installed (default) or the one mlxlm uses",
+    )
+    parser.add_argument(
+        "--bandwidth", action="store_true", help="measure memory bandwidth, print the bound"
+    )
     add_cache_args(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.compare is not None or args.bandwidth:
+        from ._bench_compare import run_compare
+
+        return run_compare(args)
     import mlx.core as mx
 
     from .._loading import load_config
