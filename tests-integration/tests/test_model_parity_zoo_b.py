@@ -234,17 +234,9 @@ def test_mlx_lm_quantized_deepseek_checkpoint_loads(
     assert max_diff(ours(step, our_cache), ref(step, cache=ref_c)) <= tol
 
 
-# A row that joins a running batch keeps its own rope origin (`starts`); once its padding
-# rotates out of a window, RotatingKVCache._drop_common_padding clears `_padded`, and
-# positions() then gives every row the shared offset: wrong rope for that row.
-_ROTATING_MERGE_BUG = pytest.mark.xfail(
-    strict=True, reason="core cache: merged rotating caches lose per-row rope origins"
-)
-
-
 @pytest.mark.parametrize(
     "name",
-    ["qwen2_moe", pytest.param("olmo3", marks=_ROTATING_MERGE_BUG), "deepseek_v3", "glm4_moe"],
+    ["qwen2_moe", "olmo3", "deepseek_v3", "glm4_moe"],
 )
 def test_continuous_batching_gives_mlx_lm_greedy_tokens(
     name: str, tiny_config: Callable, tiny_model: Callable

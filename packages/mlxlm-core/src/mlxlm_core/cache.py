@@ -107,7 +107,8 @@ class KVCache:
         # rotating window after part of their history rotated out.
         self.starts = mx.array(pads, dtype=mx.int32)
         self.valid_from = self.starts
-        self._padded = any(p > 0 for p in pads)
+        self._padded = any(p > 0 for p in pads)  # some slots hold no data: masks needed
+        self._shifted = self._padded  # rows start at different positions: per-row rope
 
     # -- storage ---------------------------------------------------------------------
     def _store(self, x: mx.array) -> Any:
@@ -156,7 +157,7 @@ class KVCache:
 
     def positions(self) -> int | mx.array:
         """Rope offset of the next token, per row when rows are padded."""
-        return self.offset - self.starts if self._padded else self.offset
+        return self.offset - self.starts if self._shifted else self.offset
 
     def make_mask(self, n: int, *, window: int | None = None) -> Mask:
         """Mask for ``n`` new queries against the cache after they are added."""
@@ -173,6 +174,11 @@ class KVCache:
             valid = key_pos[None] >= self.valid_from[:, None]  # (B, total)
             return mask[None, None] & valid[:, None, None, :]
         return mask
+
+    def _refresh_flags(self) -> None:
+        first = self.offset - self.length  # absolute position of slot 0
+        self._padded = bool(mx.any(self.valid_from > first).item())
+        self._shifted = bool(mx.any(self.starts != 0).item())
 
     # -- capabilities ----------------------------------------------------------------
     def size(self) -> int:
@@ -208,7 +214,7 @@ class KVCache:
         self.starts = self.starts - (int(mx.min(self.starts).item()))
         self.valid_from = self.starts
         self.offset = self.length
-        self._padded = bool(mx.any(self.starts > 0).item())
+        self._refresh_flags()
 
     def extend(self, other: KVCache) -> None:
         """Append the rows of ``other`` to this batch, right-aligning both time axes."""
@@ -232,7 +238,7 @@ class KVCache:
         self.starts = mx.concatenate([mine_starts, their_starts])
         self.valid_from = self.starts
         self.length = self.offset = total
-        self._padded = bool(mx.any(self.starts > 0).item())
+        self._refresh_flags()
 
     # -- serialisation ---------------------------------------------------------------
     @property
@@ -259,7 +265,7 @@ class KVCache:
         self.offset = int(meta["offset"])
         self.starts = mx.array(meta["starts"], dtype=mx.int32)
         self.valid_from = mx.array(meta.get("valid_from", meta["starts"]), dtype=mx.int32)
-        self._padded = bool(mx.any(self.valid_from > self.offset - self.length).item())
+        self._refresh_flags()
 
     @property
     def nbytes(self) -> int:
@@ -337,9 +343,9 @@ class RotatingKVCache(KVCache):
         return 0
 
     def _drop_common_padding(self) -> None:
-        # Slots map to absolute positions through the window; only refresh the flag.
-        first = self.offset - self.length
-        self._padded = bool(mx.any(self.valid_from > first).item())
+        # Slots map to absolute positions through the window; only refresh the flags. Once
+        # padding has rotated out no mask is needed, but rows still keep their own positions.
+        self._refresh_flags()
 
     def extend(self, other: KVCache) -> None:
         raise InvalidArgumentError("rotating caches join a batch through merge_caches()")
