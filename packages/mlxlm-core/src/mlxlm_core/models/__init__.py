@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import importlib.util
 from typing import Any
 
 from .._errors import UnsupportedError
@@ -53,20 +52,12 @@ _MODULES: dict[str, str] = {
 }
 
 
-def _available() -> dict[str, str]:
-    found = {}
-    for model_type, module in _MODULES.items():
-        if importlib.util.find_spec(f"{__name__}.{module}") is not None:
-            found[model_type] = module
-    return found
-
-
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_available()))
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_MODULES))
 
 
 def get_model_classes(model_type: str) -> tuple[type[Any], type[BaseModelArgs]]:
     """``(Model, ModelArgs)`` for ``model_type``, or a one-line error naming near matches."""
-    module = _available().get(model_type)
+    module = _MODULES.get(model_type)
     if module is None:
         near = difflib.get_close_matches(model_type, SUPPORTED_MODEL_TYPES, n=3, cutoff=0.4)
         hint = f"; nearest supported: {', '.join(near)}" if near else ""
