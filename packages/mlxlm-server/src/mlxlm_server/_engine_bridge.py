@@ -304,7 +304,8 @@ class EngineBridge:
         self._loop.call_soon_threadsafe(done)
 
     def _insert(self, job: Job, uids: dict[tuple[str, int], Job]) -> None:
-        if job.finished:  # cancelled before it reached the engine
+        if job.finished or job.max_tokens == 0:  # cancelled already, or nothing to do
+            self.release(job)
             return
         slot = self.slots[job.slot]
         gen = slot.generator

@@ -159,10 +159,10 @@ async def _pieces(
     hold = max((len(s) for s in stops), default=1) - 1
     full, emitted, count = "", 0, 0
     pending: list[tuple[TokenInfo, int, int]] = []  # token, text start, text end
-    if job.max_tokens == 0:
-        yield Piece(index, "", [], "length", 0)
-        return
     try:
+        if job.max_tokens == 0:
+            yield Piece(index, "", [], "length", 0)
+            return
         while True:
             event = await job.events.get()
             if isinstance(event, Failed):
