@@ -1,13 +1,15 @@
 """Put an optimised BLAS under MLX's CPU kernels: mlxlm_core's one import-time side effect.
 
-MLX's Linux CPU wheel links a reference BLAS (~3-5 GFLOP/s float32 matmul on the reference
-machine of BENCHMARKS.md). ``libmlx.so`` binds ``cblas_sgemm`` lazily and looks in the
-process's global symbol scope before its own dependencies, so a library that exports the
-standard ``cblas_*`` names, opened with ``RTLD_GLOBAL`` before MLX runs its first float32
-matmul, serves every such matmul instead: ~100 GFLOP/s and ~24 GB/s matrix-vector on one
-core with MKL there. That is why this happens at import, before ``mlx.core`` is first
-imported (``mlxlm_core/__init__.py`` runs :func:`ensure` first); nothing else in the package
-acts at import time. It writes no environment variable.
+MLX's Linux CPU wheel links a reference BLAS (~3-5 GFLOP/s float32 matmul on the machine of
+BENCHMARKS.md). ``libmlx.so`` looks ``cblas_sgemm`` up in the process's global symbol scope
+before its own dependencies, so a library that exports the standard ``cblas_*`` names,
+opened with ``RTLD_GLOBAL``, serves every float32 matmul of MLX instead: ~100 GFLOP/s, and
+~24 GB/s for a matrix-vector product, on one core with MKL there. Python opens extension
+modules with ``RTLD_NOW``, so MLX binds the symbol when ``mlx.core`` is imported: the
+library must be loaded before that. ``mlxlm_core/__init__.py`` imports this module first,
+and importing it runs :func:`ensure`; nothing else in the package acts at import time, and
+this writes no environment variable (MKL's threading layer is set by a function call).
+If ``mlx.core`` was imported before ``mlxlm_core``, nothing is loaded (it would not serve).
 
 Choice, by the environment variable ``MLXLM_BLAS``:
 
@@ -17,8 +19,10 @@ Choice, by the environment variable ``MLXLM_BLAS``:
 - ``off``: leave MLX's bundled BLAS alone.
 - a path: that shared library (it must export ``cblas_sgemm``).
 
-``mlxlm generate --verbose`` prints :func:`blas_info`. Libraries whose symbols are prefixed
-(numpy's and ``scipy-openblas32``'s ``scipy_cblas_sgemm``) cannot serve and are not tried.
+MKL runs with its sequential threading layer unless ``MKL_THREADING_LAYER`` says otherwise
+(measured in BENCHMARKS.md). ``mlxlm generate --verbose`` prints :func:`blas_info`.
+Libraries whose symbols are prefixed (numpy's bundled OpenBLAS, ``scipy-openblas32``:
+``scipy_cblas_sgemm``) cannot serve and are not tried.
 """
 
 from __future__ import annotations

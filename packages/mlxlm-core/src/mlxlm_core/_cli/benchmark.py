@@ -151,7 +151,12 @@ def run(args: argparse.Namespace) -> int:
             return _single(model, prompts[0], args.generation_tokens, cache)
         return _batched(model, prompts, args.generation_tokens, cache)
 
+    from .._blas import blas_info
+    from .._loading import describe_policy
+
+    policy, blas = describe_policy(model), blas_info().describe()
     if not args.json:
+        print(f"policy: {policy}\nblas: {blas}")
         print("Running warmup...")
     once()
     if not args.json:
@@ -180,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
                     "generation_tokens": args.generation_tokens,
                     "batch_size": args.batch_size,
                     "num_trials": args.num_trials,
+                    "policy": policy,
+                    "blas": blas,
                     **asdict(median),
                     "trials": [asdict(t) for t in trials],
                 }
