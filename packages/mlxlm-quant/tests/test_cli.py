@@ -12,19 +12,22 @@ import pytest
 from mlxlm_quant._cli import awq_main, dynamic_main, gptq_main, quantize_main
 
 
-def _run(main, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:  # noqa: ANN001
+def _run(main, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
     monkeypatch.setattr(sys, "argv", ["mlxlm-x", *argv])
     with pytest.raises(SystemExit) as info:
         main()
     return int(info.value.code or 0)
 
 
-def test_quantize_with_a_recipe_file(tiny: Path, tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
+def test_quantize_with_a_recipe_file(tiny: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text("bits: 3\ngroup_size: 32\nrules:\n  - match: '*.down_proj'\n    bits: 6\n")
     out = tmp_path / "out"
-    code = _run(quantize_main, ["--model", str(tiny), "--mlx-path", str(out),
-                                "--recipe", str(recipe), "--json"], monkeypatch)
+    code = _run(
+        quantize_main,
+        ["--model", str(tiny), "--mlx-path", str(out), "--recipe", str(recipe), "--json"],
+        monkeypatch,
+    )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     config = json.loads((out / "config.json").read_text())
@@ -35,21 +38,51 @@ def test_quantize_with_a_recipe_file(tiny: Path, tmp_path: Path, monkeypatch, ca
 
 
 @pytest.mark.parametrize("main", [awq_main, gptq_main])
-def test_learned_commands_record_calibration(main, tiny: Path, tmp_path: Path,  # noqa: ANN001
-                                             calib_file: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_learned_commands_record_calibration(
+    main, tiny: Path, tmp_path: Path, calib_file: Path, monkeypatch
+) -> None:
     out = tmp_path / "out"
-    code = _run(main, ["--model", str(tiny), "--mlx-path", str(out), "--bits", "4",
-                       "--data-path", str(calib_file), "--num-samples", "4",
-                       "--sequence-length", "32"], monkeypatch)
+    code = _run(
+        main,
+        [
+            "--model",
+            str(tiny),
+            "--mlx-path",
+            str(out),
+            "--bits",
+            "4",
+            "--data-path",
+            str(calib_file),
+            "--num-samples",
+            "4",
+            "--sequence-length",
+            "32",
+        ],
+        monkeypatch,
+    )
     assert code == 0
     recorded = json.loads((out / "config.json").read_text())["quantization_recipe"]
     assert recorded["calibration"] == {"data": str(calib_file), "samples": 4, "sequence_length": 32}
 
 
-def test_dynamic_quant_command(tiny: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_dynamic_quant_command(tiny: Path, tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "out"
-    code = _run(dynamic_main, ["--model", str(tiny), "--mlx-path", str(out), "--target-bpw", "4",
-                               "--num-samples", "2", "--sequence-length", "32"], monkeypatch)
+    code = _run(
+        dynamic_main,
+        [
+            "--model",
+            str(tiny),
+            "--mlx-path",
+            str(out),
+            "--target-bpw",
+            "4",
+            "--num-samples",
+            "2",
+            "--sequence-length",
+            "32",
+        ],
+        monkeypatch,
+    )
     assert code == 0
     recorded = json.loads((out / "config.json").read_text())["quantization_recipe"]
     assert recorded["method"] == "dynamic+rtn"
@@ -78,7 +111,7 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_options(case: str, tiny: Path, tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
+def test_bad_options(case: str, tiny: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     argv, needle = BAD[case]
     out = tmp_path / "out"
     code = _run(quantize_main, ["--model", str(tiny), "--mlx-path", str(out), *argv], monkeypatch)
@@ -90,12 +123,15 @@ def test_bad_options(case: str, tiny: Path, tmp_path: Path, monkeypatch, capsys)
 
 @pytest.mark.parametrize(
     "block",
-    [{"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]},
-     {"quant_method": "compressed-tensors", "format": "float-quantized"}],
+    [
+        {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]},
+        {"quant_method": "compressed-tensors", "format": "float-quantized"},
+    ],
     ids=["fp8", "compressed-tensors"],
 )
-def test_foreign_checkpoints_refused_by_name(block: dict, tiny: Path, tmp_path: Path,  # noqa: ANN001
-                                             monkeypatch, capsys) -> None:  # noqa: ANN001
+def test_foreign_checkpoints_refused_by_name(
+    block: dict, tiny: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
     source = _foreign(tiny, tmp_path, block)
     out = tmp_path / "out"
     code = _run(quantize_main, ["--model", str(source), "--mlx-path", str(out)], monkeypatch)
@@ -105,18 +141,21 @@ def test_foreign_checkpoints_refused_by_name(block: dict, tiny: Path, tmp_path: 
     assert not out.exists()
 
 
-def test_empty_calibration_file(tiny: Path, tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
+def test_empty_calibration_file(tiny: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     out = tmp_path / "out"
-    code = _run(gptq_main, ["--model", str(tiny), "--mlx-path", str(out),
-                            "--data-path", str(empty)], monkeypatch)
+    code = _run(
+        gptq_main,
+        ["--model", str(tiny), "--mlx-path", str(out), "--data-path", str(empty)],
+        monkeypatch,
+    )
     err = capsys.readouterr().err.strip()
     assert code != 0 and len(err.splitlines()) == 1 and "empty" in err
     assert not out.exists()
 
 
-def test_existing_destination_refused_untouched(tiny: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_existing_destination_refused_untouched(tiny: Path, tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -128,8 +167,20 @@ def test_mlxlm_dispatcher_runs_quantize(tiny: Path, tmp_path: Path) -> None:
     """Through the real ``mlxlm`` entry point: the command is found by its entry point, and
     an error exits 1 with one line."""
     exe = Path(sys.executable).with_name("mlxlm")
-    bad = subprocess.run([str(exe), "quantize", "--model", str(tiny), "--bits", "7",
-                          "--mlx-path", str(tmp_path / "o")], capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            str(exe),
+            "quantize",
+            "--model",
+            str(tiny),
+            "--bits",
+            "7",
+            "--mlx-path",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 1
     assert bad.stderr.strip().startswith("mlxlm quantize: error:")
     assert len(bad.stderr.strip().splitlines()) == 1

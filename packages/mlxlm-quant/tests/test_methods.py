@@ -25,8 +25,11 @@ from mlxlm_quant._pack import pack_codes
 
 
 @settings(max_examples=20, deadline=None)
-@given(bits=st.sampled_from([2, 3, 4, 5, 6, 8]), group=st.sampled_from([32, 64, 128]),
-       seed=st.integers(0, 2**16))
+@given(
+    bits=st.sampled_from([2, 3, 4, 5, 6, 8]),
+    group=st.sampled_from([32, 64, 128]),
+    seed=st.integers(0, 2**16),
+)
 def test_packing_matches_mlx(bits: int, group: int, seed: int) -> None:
     w = mx.random.normal((4, 256), key=mx.random.key(seed))
     packed, scales, biases = mx.quantize(w, group_size=group, bits=bits)
@@ -57,12 +60,14 @@ def test_gptq_layer_error_no_worse_than_mlx_lm() -> None:
     model = One()
     model.proj.weight = w
     theirs(model, x.reshape(4, n // 4, dim), 4, 64, 8, 64, batch_size=4)
-    w_theirs = mx.dequantize(model.proj.weight, model.proj.scales, model.proj.biases,
-                             group_size=64, bits=4)
+    w_theirs = mx.dequantize(
+        model.proj.weight, model.proj.scales, model.proj.biases, group_size=64, bits=4
+    )
     h = np.array(x.T @ x)
     codes, s, b = gptq_weight(np.array(w), h, bits=4, group_size=64, damp=0.01, block_size=128)
-    w_ours = (codes.reshape(out, -1, 64) * np.array(s)[..., None]
-              + np.array(b)[..., None]).reshape(out, dim)
+    w_ours = (codes.reshape(out, -1, 64) * np.array(s)[..., None] + np.array(b)[..., None]).reshape(
+        out, dim
+    )
     rtn = mx.dequantize(*mx.quantize(w, group_size=64, bits=4), group_size=64, bits=4)
 
     def err(wq: np.ndarray) -> float:

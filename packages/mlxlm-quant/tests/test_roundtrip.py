@@ -15,18 +15,29 @@ from mlxlm_quant import QuantRecipe, calibration_windows, preset, quantize, save
 
 AFFINE = [(b, g) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128)]
 CASES = (
-    [pytest.param(QuantRecipe(bits=b, group_size=g), "rtn", id=f"affine-{b}-g{g}") for b, g in AFFINE]
-    + [pytest.param(QuantRecipe(bits=b, mode=m), "rtn", id=m)
-       for m, b in (("mxfp4", 4), ("nvfp4", 4), ("mxfp8", 8))]
-    + [pytest.param(preset(n), "rtn", id=n) for n in ("mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6")]
+    [
+        pytest.param(QuantRecipe(bits=b, group_size=g), "rtn", id=f"affine-{b}-g{g}")
+        for b, g in AFFINE
+    ]
+    + [
+        pytest.param(QuantRecipe(bits=b, mode=m), "rtn", id=m)
+        for m, b in (("mxfp4", 4), ("nvfp4", 4), ("mxfp8", 8))
+    ]
+    + [
+        pytest.param(preset(n), "rtn", id=n)
+        for n in ("mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6")
+    ]
     + [pytest.param(QuantRecipe(bits=3, group_size=32), m, id=m) for m in ("awq", "gptq", "dwq")]
     + [pytest.param(QuantRecipe(bits=4, mode="mxfp4"), "awq", id="awq-mxfp4")]
 )
 
 
 def _float32(model: nn.Module) -> nn.Module:
-    params = [(k, v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())
-              if mx.issubdtype(v.dtype, mx.floating)]
+    params = [
+        (k, v.astype(mx.float32))
+        for k, v in tree_flatten(model.parameters())
+        if mx.issubdtype(v.dtype, mx.floating)
+    ]
     model.update(tree_unflatten(params))
     return model
 
@@ -43,10 +54,22 @@ def test_round_trip(tiny: Path, tmp_path: Path, recipe: QuantRecipe, method: str
     if method == "dwq":
         pytest.importorskip("mlxlm_tune")
     model, tokenizer, config = load(tiny, return_config=True)
-    tokens = calibration_windows(tokenizer, num_samples=4, sequence_length=32) if method != "rtn" else None
+    tokens = (
+        calibration_windows(tokenizer, num_samples=4, sequence_length=32)
+        if method != "rtn"
+        else None
+    )
     block = quantize(model, recipe, method=method, tokens=tokens, dwq_steps=3, dwq_lr=1e-3)
-    dest = save_quantized(tmp_path / "out", model, tokenizer, config, block,
-                          recipe=recipe, method=method, dtype="float32")
+    dest = save_quantized(
+        tmp_path / "out",
+        model,
+        tokenizer,
+        config,
+        block,
+        recipe=recipe,
+        method=method,
+        dtype="float32",
+    )
     saved = json.loads((dest / "config.json").read_text())
     assert saved["quantization"] == block
     assert saved["quantization_recipe"]["method"] == method

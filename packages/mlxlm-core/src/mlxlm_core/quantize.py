@@ -90,7 +90,7 @@ def quantization_from_config(config: dict[str, Any]) -> dict[str, Any] | None:
             QuantSpec(
                 bits=int(value.get("bits", bits)),
                 group_size=int(value.get("group_size", group)),
-                mode=value.get("mode", mode),
+                mode=value.get("mode", "affine"),  # see _spec_for
             )
     return {**quant, "mode": mode, "group_size": group}
 
@@ -101,7 +101,10 @@ def _spec_for(path: str, quant: dict[str, Any]) -> dict[str, Any] | bool:
         return False
     base = {"group_size": quant["group_size"], "bits": quant["bits"], "mode": quant["mode"]}
     if isinstance(override, dict):
-        return {**base, **{k: override[k] for k in ("group_size", "bits", "mode") if k in override}}
+        # MLX-LM hands a per-layer dict to ``to_quantized`` as is, so a missing "mode" means
+        # affine, not the model's mode (MLX-LM's mxfp4 MoE models keep 8-bit affine routers).
+        picked = {k: override[k] for k in ("group_size", "bits", "mode") if k in override}
+        return {**base, "mode": "affine", **picked}
     return base
 
 

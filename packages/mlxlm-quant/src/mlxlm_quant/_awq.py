@@ -61,9 +61,11 @@ def _rows(xs: list[mx.array], n: int, key: mx.array) -> mx.array:
 # -- producer discovery -------------------------------------------------------------------
 
 
-def _same(a: mx.array, b: mx.array) -> bool:
+def _same(a: object, b: object) -> bool:
     if a is b:
         return True
+    if not isinstance(a, mx.array) or not isinstance(b, mx.array):
+        return False  # e.g. a router returning (indices, weights)
     if a.size != b.size or a.shape[-1] != b.shape[-1]:
         return False
     return bool(mx.array_equal(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])))
@@ -128,6 +130,7 @@ def _discover(
             if p in seen
             and isinstance(modules[p], nn.Linear)
             and p not in group
+            and isinstance(seen[p][1], mx.array)
             and seen[p][1].shape[-1] == x.shape[-1]
             and p not in exact
         ]
