@@ -12,6 +12,7 @@ has already been queued with ``mx.async_eval`` so the device never waits for Pyt
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -37,9 +38,12 @@ def generation_stream() -> mx.Stream:
     Measured on an H200 (tools/bench_cuda.py, Llama-3.2-1B shape, bf16, batch 1): decoding
     on the default stream ran 363 tokens/s, on a dedicated stream 428 (MLX-LM: 429), since
     the host's reads of finished tokens no longer wait behind the queued next step.
+
+    MLX streams belong to the thread that made them, so there is one per thread too (a
+    server's engine thread, and its replacement after a restart, get their own).
     """
     device = mx.default_device()
-    key = str(device)
+    key = f"{device}@{threading.get_ident()}"
     if key not in _streams:
         _streams[key] = mx.new_stream(device)
     return _streams[key]
