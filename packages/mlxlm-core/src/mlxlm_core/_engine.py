@@ -120,7 +120,9 @@ def prefill(
     for start in range(0, length, step_size):
         chunk = tokens[:, start : start + step_size]
         model(chunk, cache=cache)
-        mx.eval([c.state for c in cache])
+        # A pipeline stage also owes its send to the next rank (see distributed.pipeline).
+        pending = model.pending_outputs() if hasattr(model, "pending_outputs") else []
+        mx.eval([c.state for c in cache], *pending)
         if progress is not None:
             progress(done_before + start + chunk.shape[1], total)
 

@@ -68,6 +68,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="extra end-of-sequence token (repeatable)",
     )
+    group.add_argument(
+        "--shard",
+        choices=["tensor", "pipeline"],
+        default=None,
+        help="split the model over the processes started by mlx.launch (only rank 0 prints)",
+    )
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -141,17 +147,41 @@ def make_sampling(args: argparse.Namespace, tokenizer: Any = None) -> dict[str, 
 
 
 def load_from_args(args: argparse.Namespace, **extra: Any) -> tuple[Any, ...]:
-    """``load()`` with the model group's options; ``extra`` (e.g. return_config) passes through."""
+    """``load()`` with the model group's options; ``extra`` (e.g. return_config) passes through.
+
+    With ``--shard``, joins the launched processes, loads only this rank's part, agrees on
+    one seed, and silences stdout on every rank but 0.
+    """
     from .._loading import load
 
-    loaded = load(
-        args.model,
-        adapter_path=args.adapter_path,
-        dtype=args.dtype,
-        weight_mode=getattr(args, "weight_mode", "auto"),
-        revision=args.revision,
-        **extra,
-    )
+    options = dict(adapter_path=args.adapter_path, dtype=args.dtype, revision=args.revision)
+    strategy = getattr(args, "shard", None)
+    if strategy:
+        loaded = _load_shard(args, strategy, options, extra)
+    else:
+        loaded = load(args.model, **options, **extra)
     for token in getattr(args, "eos_token", None) or []:
         loaded[1].add_eos_token(token)
     return loaded
+
+
+def _load_shard(
+    args: argparse.Namespace, strategy: str, options: dict[str, Any], extra: dict[str, Any]
+) -> tuple[Any, ...]:
+    import os
+
+    from ..distributed import agree_seed, is_primary, load_sharded, world
+
+    if extra:
+        raise InvalidArgumentError(f"--shard cannot be combined with {', '.join(extra)}")
+    group = world()
+    if group is None:
+        raise InvalidArgumentError(
+            "--shard needs several processes: start the command with mlx.launch -n 2 ..."
+        )
+    model, tokenizer = load_sharded(args.model, strategy=strategy, group=group, **options)
+    if hasattr(args, "seed"):
+        args.seed = agree_seed(group, args.seed)
+    if not is_primary(group):
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+    return model, tokenizer

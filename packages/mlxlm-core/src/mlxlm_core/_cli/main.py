@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 
 from .._errors import MlxlmError
+from ..distributed import peer_failures
 from .command import Command, OneLineParser
 
 # Commands that live in sibling distributions, so a missing one can say what to install.
@@ -39,7 +40,8 @@ def run_command(command: Command, argv: Sequence[str], *, prog: str) -> int:
     command.add_arguments(parser)
     args = parser.parse_args(list(argv))
     try:
-        return command.run(args)
+        with peer_failures():
+            return command.run(args)
     except MlxlmError as exc:
         sys.stderr.write(f"{prog}: error: {exc}\n")
         return 1
