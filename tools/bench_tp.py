@@ -21,7 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_cuda import LLAMA_1B  # noqa: E402
+from bench_cuda import LLAMA_1B
 
 
 def main() -> None:
@@ -49,7 +49,7 @@ def main() -> None:
     )
     rates, tokens = [], None
     for run in range(args.runs + 1):  # the first run warms up and is dropped
-        start = first = time.perf_counter()
+        first = time.perf_counter()
         out = []
         for i, (token, _) in enumerate(
             generate_step(prompt, model, max_tokens=args.generation_tokens)
