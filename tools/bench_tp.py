@@ -23,6 +23,15 @@ import mlx.core as mx
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_cuda import LLAMA_1B
 
+LLAMA_8B = {
+    **LLAMA_1B,
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "intermediate_size": 14336,
+    "head_dim": 128,
+    "tie_word_embeddings": False,
+}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -30,6 +39,9 @@ def main() -> None:
     parser.add_argument("--generation-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument(
+        "--shape", choices=["1b", "8b"], default="1b", help="Llama-3.2-1B or Llama-3-8B shape"
+    )
     args = parser.parse_args()
 
     from mlxlm_core import generate_step
@@ -39,7 +51,8 @@ def main() -> None:
     group = world()
     model_cls, args_cls = get_model_classes("llama")
     mx.random.seed(0)
-    model = model_cls(args_cls.from_dict(LLAMA_1B))
+    config = LLAMA_1B if args.shape == "1b" else LLAMA_8B
+    model = model_cls(args_cls.from_dict(config))
     model.set_dtype(getattr(mx, args.dtype))
     if group is not None:
         shard_model(model, group, "tensor")
@@ -65,6 +78,7 @@ def main() -> None:
             json.dumps(
                 {
                     "ranks": 1 if group is None else group.size(),
+                    "shape": args.shape,
                     "device": str(mx.default_device()),
                     "decode_tps_median": statistics.median(rates),
                     "decode_tps_runs": rates,
