@@ -29,7 +29,7 @@ ProgressCallback = Callable[[int, int], None]
 __all__ = ["BatchGenerator", "BatchResponse", "Sampling", "decode_step", "prefill"]
 
 
-_streams: dict[str, mx.Stream] = {}
+_streams = threading.local()  # per thread: device name -> stream
 
 
 def generation_stream() -> mx.Stream:
@@ -43,10 +43,11 @@ def generation_stream() -> mx.Stream:
     server's engine thread, and its replacement after a restart, get their own).
     """
     device = mx.default_device()
-    key = f"{device}@{threading.get_ident()}"
-    if key not in _streams:
-        _streams[key] = mx.new_stream(device)
-    return _streams[key]
+    mine: dict[str, mx.Stream] = _streams.__dict__.setdefault("by_device", {})
+    key = str(device)
+    if key not in mine:
+        mine[key] = mx.new_stream(device)
+    return mine[key]
 
 
 def greedy(logprobs: mx.array) -> mx.array:
