@@ -20,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ._errors import ContextLengthError, InvalidArgumentError
+from ._policy import prefill_step_for
 from .cache import KVCache, make_prompt_cache, merge_caches
 
 Sampler = Callable[[mx.array], mx.array]
@@ -110,12 +111,16 @@ def prefill(
     tokens: mx.array,
     cache: Sequence[KVCache],
     *,
-    step_size: int = 2048,
+    step_size: int | None = None,
     progress: ProgressCallback | None = None,
     done_before: int = 0,
     total: int | None = None,
 ) -> None:
-    """Run ``tokens`` (B, L) through the model to fill ``cache``; logits are discarded."""
+    """Run ``tokens`` (B, L) through the model to fill ``cache``; logits are discarded.
+
+    ``step_size`` tokens per chunk; None takes the model's execution policy's choice.
+    """
+    step_size = step_size or prefill_step_for(model)
     length = tokens.shape[1]
     total = total if total is not None else length
     for start in range(0, length, step_size):
@@ -185,7 +190,7 @@ class BatchGenerator:
     max_tokens: int = 256
     completion_batch_size: int = 32
     prefill_batch_size: int = 8
-    prefill_step_size: int = 2048
+    prefill_step_size: int | None = None  # None: the execution policy's
     max_kv_size: int | None = None
     kv_bits: int | None = None
     kv_group_size: int = 64

@@ -65,7 +65,7 @@ def generate_step(
     logits_processors: Sequence[LogitsProcessor] | None = None,
     max_kv_size: int | None = None,
     prompt_cache: list[KVCache] | None = None,
-    prefill_step_size: int = 2048,
+    prefill_step_size: int | None = None,
     kv_bits: int | None = None,
     kv_group_size: int = 64,
     prompt_progress_callback: ProgressCallback | None = None,
@@ -233,7 +233,7 @@ def batch_generate(
     logits_processors: Sequence[LogitsProcessor] | None = None,
     completion_batch_size: int = 32,
     prefill_batch_size: int = 8,
-    prefill_step_size: int = 2048,
+    prefill_step_size: int | None = None,
     max_kv_size: int | None = None,
     kv_bits: int | None = None,
 ) -> BatchResult:

@@ -41,6 +41,7 @@ __all__ = [
     "choose_policy",
     "current_backend",
     "dense_copies",
+    "prefill_step_for",
 ]
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -95,6 +96,12 @@ class ExecutionPolicy:
             f"backend={self.backend} dtype={dtype} weight_mode={mode} "
             f"prefill_step={self.prefill_step_size} blas={self.blas} [{self.reason}]"
         )
+
+
+def prefill_step_for(model: nn.Module) -> int:
+    """Prompt tokens per prefill chunk for ``model``: its policy's, else MLX-LM's 2048."""
+    policy = getattr(model, "policy", None)
+    return policy.prefill_step_size if isinstance(policy, ExecutionPolicy) else 2048
 
 
 def current_backend() -> str:

@@ -50,7 +50,7 @@ def speculative_generate_step(
     sampler: Sampler | None = None,
     logits_processors: Sequence[LogitsProcessor] | None = None,
     prompt_cache: list[KVCache] | None = None,
-    prefill_step_size: int = 2048,
+    prefill_step_size: int | None = None,
     prompt_progress_callback: ProgressCallback | None = None,
     max_kv_size: int | None = None,
     kv_bits: int | None = None,

@@ -101,7 +101,12 @@ def add_cache_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-kv-size", type=positive_int, default=None, help="bound the KV cache")
     group.add_argument("--kv-bits", type=int, choices=[2, 3, 4, 5, 6, 8], default=None)
     group.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=64)
-    group.add_argument("--prefill-step-size", type=positive_int, default=2048)
+    group.add_argument(
+        "--prefill-step-size",
+        type=positive_int,
+        default=None,
+        help="prompt tokens per prefill chunk (default: the execution policy's)",
+    )
 
 
 def read_prompt(text: str) -> str:
