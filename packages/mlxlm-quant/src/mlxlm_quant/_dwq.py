@@ -37,7 +37,7 @@ class DWQConfig:
     steps: int = 200
     learning_rate: float = 1e-5
     batch_size: int = 1
-    temperature: float = 1.0
+    temperature: float = 2.0  # softened targets, as MLX-LM distils
 
 
 def _require_tune() -> Any:
