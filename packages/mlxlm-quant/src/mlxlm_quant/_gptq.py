@@ -34,6 +34,7 @@ from ._recipe import QuantRecipe, quantize_with_plan
 __all__ = ["GPTQConfig", "gptq_quantize", "gptq_weight"]
 
 Progress = Callable[[str, int, int], None]
+DT = np.float32  # the column loop is memory-bound; float32 halves its traffic
 
 
 @dataclass(frozen=True)
@@ -57,11 +58,12 @@ def gptq_weight(
     # Upper Cholesky factor of H^-1: row j holds the update coefficients for column j.
     hinv = np.linalg.inv(np.linalg.cholesky(h))
     hinv = hinv.T @ hinv
-    u = np.linalg.cholesky(hinv).T
+    u = np.linalg.cholesky(hinv).T.astype(DT)
+    w = w.astype(DT)
     step = max(block_size // group_size, 1) * group_size
     maxq = 2**bits - 1
     codes = np.zeros((rows, cols), dtype=np.int64)
-    scales = np.zeros((rows, cols // group_size), dtype=np.float64)
+    scales = np.zeros((rows, cols // group_size), dtype=DT)
     biases = np.zeros_like(scales)
     for i1 in range(0, cols, step):
         i2 = min(i1 + step, cols)
@@ -91,23 +93,29 @@ def gptq_weight(
 
 
 class _Hessians:
-    """Accumulates ``X^T X`` per layer; layers fed the same array share one product."""
+    """Accumulates ``X^T X`` per distinct input: layers fed the same array share one.
+
+    ``owner[path]`` names the layer whose Hessian ``path`` uses; GPTQ is independent per
+    output row given ``H``, so layers sharing one (q/k/v, gate/up) are solved as one matrix.
+    """
 
     def __init__(self) -> None:
         self.h: dict[str, mx.array] = {}
-        self._last: tuple[mx.array, mx.array] | None = None
+        self.owner: dict[str, str] = {}
+        self._last: tuple[mx.array, str] | None = None
 
     def __call__(self, path: str, x: mx.array, y: mx.array) -> None:
         if not mx.issubdtype(x.dtype, mx.floating):
             return  # an embedding lookup: its input is token ids, not activations
         if self._last is not None and self._last[0] is x:
-            xtx = self._last[1]
-        else:
-            xf = x.reshape(-1, x.shape[-1]).astype(mx.float32)
-            xtx = xf.T @ xf
-            self._last = (x, xtx)
-        self.h[path] = self.h[path] + xtx if path in self.h else xtx
-        mx.eval(self.h[path])
+            self.owner.setdefault(path, self._last[1])
+            return
+        owner = self.owner.setdefault(path, path)
+        xf = x.reshape(-1, x.shape[-1]).astype(mx.float32)
+        xtx = xf.T @ xf
+        self.h[owner] = self.h[owner] + xtx if owner in self.h else xtx
+        mx.eval(self.h[owner])
+        self._last = (x, owner)
 
 
 def gptq_quantize(
@@ -129,29 +137,43 @@ def gptq_quantize(
     names = {id(m): p for p, m in model.named_modules()}
     done: dict[str, nn.Module] = {}  # full path -> quantized layer
 
-    def gptq_layers(root: nn.Module, prefix: str, hess: dict[str, mx.array]) -> None:
+    def gptq_layers(root: nn.Module, prefix: str, hess: _Hessians) -> None:
         modules = dict(root.named_modules())
-        for rel, h in hess.items():
-            key = rel.removesuffix("#as_linear")
-            full = f"{prefix}{key}"
-            spec = plan.get(full)
-            if spec is None or full in done:
-                continue
-            module = modules[key]
-            codes, s, b = gptq_weight(
-                np.array(module.weight.astype(mx.float32)),
-                np.array(h),
-                bits=spec.bits,
-                group_size=spec.group_size,
-                damp=config.damp,
-                block_size=config.block_size,
-            )
-            layer = quantized_from_codes(
-                module, codes, s, b, bits=spec.bits, group_size=spec.group_size
-            )
-            done[full] = layer
-            # Later blocks see this layer's quantized output, computed in float (fast BLAS).
-            module.weight = _dequantized(layer).astype(module.weight.dtype)
+        for owner, h in hess.h.items():
+            # Layers sharing this Hessian and a spec are stacked into one GPTQ problem.
+            by_spec: dict[QuantSpec, list[str]] = {}
+            for rel, o in hess.owner.items():
+                key = rel.removesuffix("#as_linear")
+                spec = plan.get(prefix + key)
+                if o == owner and spec is not None and prefix + key not in done:
+                    by_spec.setdefault(spec, []).append(key)
+            h_np = np.array(h)
+            for spec, keys in by_spec.items():
+                weights = [np.array(modules[k].weight.astype(mx.float32)) for k in keys]
+                codes, s, b = gptq_weight(
+                    np.concatenate(weights),
+                    h_np,
+                    bits=spec.bits,
+                    group_size=spec.group_size,
+                    damp=config.damp,
+                    block_size=config.block_size,
+                )
+                start = 0
+                for key, w in zip(keys, weights):
+                    rows = slice(start, start + w.shape[0])
+                    start += w.shape[0]
+                    module = modules[key]
+                    layer = quantized_from_codes(
+                        module,
+                        codes[rows],
+                        s[rows],
+                        b[rows],
+                        bits=spec.bits,
+                        group_size=spec.group_size,
+                    )
+                    done[prefix + key] = layer
+                    # Later blocks see this layer's quantized output, computed in float.
+                    module.weight = _dequantized(layer).astype(module.weight.dtype)
 
     extras = block_extras(model, tokens.shape[1])
     hidden = block_inputs(model, tokens, batch_size=config.batch_size)
@@ -166,7 +188,7 @@ def gptq_quantize(
         hess = _Hessians()
         with hooked(block, paths, hess):
             run_block(block, hidden, extras[i])
-        gptq_layers(block, prefix, hess.h)
+        gptq_layers(block, prefix, hess)
         hidden = run_block(block, hidden, extras[i])
         if progress:
             progress("gptq", i + 1, len(blocks) + 1)
@@ -180,7 +202,7 @@ def _gptq_head(model, blocks, hidden, gptq_layers, tokens, config) -> None:
     """GPTQ for the layers after the blocks (the head), fed the final hidden states."""
     hess = _Hessians()
     tail_calls(model, hidden, tokens, batch_size=config.batch_size, callback=hess)
-    gptq_layers(model, "", hess.h)
+    gptq_layers(model, "", hess)
 
 
 def _dequantized(layer: nn.Module) -> mx.array:
