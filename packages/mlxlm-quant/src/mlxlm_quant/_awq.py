@@ -27,7 +27,15 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlxlm_core.quantize import QuantSpec
 
-from ._blocks import block_extras, block_inputs, hooked, linear_paths, run_block, tail_calls
+from ._blocks import (
+    InputStats,
+    block_extras,
+    block_inputs,
+    hooked,
+    linear_paths,
+    run_block,
+    tail_calls,
+)
 from ._recipe import QuantRecipe
 
 __all__ = ["AWQConfig", "awq_quantize"]
@@ -40,22 +48,12 @@ class AWQConfig:
     n_grid: int = 20  # scale exponents tried in [0, 1)
     clip_grid: int = 20  # clip shrinks tried: 1, 1 - 1/clip_grid, ... down to max_shrink
     max_shrink: float = 0.5
-    search_tokens: int = 2048  # activation rows used by the scale search
-    clip_tokens: int = 512  # activation rows used by the clip search
     batch_size: int = 4
-    seed: int = 0
 
 
 def _qdq(w: mx.array, spec: QuantSpec) -> mx.array:
     q = mx.quantize(w, group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
     return mx.dequantize(*q, group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
-
-
-def _rows(xs: list[mx.array], n: int, key: mx.array) -> mx.array:
-    x = mx.concatenate([a.reshape(-1, a.shape[-1]) for a in xs]).astype(mx.float32)
-    if x.shape[0] > n:
-        x = x[mx.sort(mx.random.permutation(x.shape[0], key=key)[:n])]
-    return x
 
 
 # -- producer discovery -------------------------------------------------------------------
@@ -161,45 +159,56 @@ def _verified(block, probe, extra, ref, modules, cand, variant, group, dim) -> b
 # -- searches -----------------------------------------------------------------------------
 
 
-def _search_scale(x: mx.array, layers: list[nn.Module], specs: list[QuantSpec], n_grid: int):
-    x_mean = mx.abs(x).mean(axis=0)
-    refs = [x @ layer.weight.T for layer in layers]
-    best, best_s = float("inf"), None
+def _output_error(delta: mx.array, h: mx.array) -> mx.array:
+    """``sum_n (x_n . delta_o)^2`` for every row ``o``: the quadratic form with ``H = X^T X``."""
+    return ((delta @ h) * delta).sum(axis=-1)
+
+
+def _search_scale(
+    h: mx.array, x_mean: mx.array, layers: list[nn.Module], specs: list[QuantSpec], n_grid: int
+) -> mx.array:
+    """The ``s = mean|x|^a`` with the least output error of the group, over ``a``'s grid.
+
+    Exact over every calibration token: ``||X W^T - (X/s) Q(W s)^T||^2`` is
+    ``tr(D H D^T)`` with ``D = W - Q(W s)/s``.
+    """
+    best, best_s = float("inf"), mx.ones_like(x_mean)
     for step in range(n_grid):
         s = mx.maximum(x_mean ** (step / n_grid), 1e-4)
         s = s / mx.sqrt(s.max() * s.min())
         loss = mx.array(0.0)
-        for layer, spec, ref in zip(layers, specs, refs):
-            wq = _qdq(layer.weight * s, spec) / s
-            loss = loss + ((x @ wq.T - ref) ** 2).sum()
+        for layer, spec in zip(layers, specs):
+            w = layer.weight
+            loss = loss + _output_error(w - _qdq(w * s, spec) / s, h).sum()
         value = float(loss)
         if value < best:
             best, best_s = value, s
     return best_s
 
 
-def _search_clip(x: mx.array, w: mx.array, spec: QuantSpec, config: AWQConfig) -> mx.array:
-    """``w`` clipped per (row, group) to the range with the least output error."""
+def _search_clip(h: mx.array, w: mx.array, spec: QuantSpec, config: AWQConfig) -> mx.array:
+    """``w`` clipped per (row, group) to the range with the least output error.
+
+    A group's error only involves its own inputs, so the diagonal blocks of ``H`` suffice.
+    """
     g = spec.group_size
-    xg = x.reshape(x.shape[0], -1, g)  # (n, groups, g)
-    out_rows = []
-    for r in range(0, w.shape[0], 256):
-        wr = w[r : r + 256]
-        wg = wr.reshape(wr.shape[0], -1, g)  # (o, groups, g)
-        ref = mx.einsum("ndg,odg->nod", xg, wg)
-        top = mx.abs(wg).max(axis=-1, keepdims=True)
-        best_err = mx.full(wg.shape[:2], float("inf"))
-        best_top = top
-        for i in range(int(config.max_shrink * config.clip_grid)):
-            limit = top * (1 - i / config.clip_grid)
-            wq = _qdq(mx.clip(wg, -limit, limit).reshape(wr.shape), spec).reshape(wg.shape)
-            err = ((mx.einsum("ndg,odg->nod", xg, wq) - ref) ** 2).sum(axis=0)
-            better = err < best_err
-            best_err = mx.where(better, err, best_err)
-            best_top = mx.where(better[..., None], limit, best_top)
-            mx.eval(best_err, best_top)
-        out_rows.append(mx.clip(wg, -best_top, best_top).reshape(wr.shape))
-    return mx.concatenate(out_rows)
+    groups = w.shape[-1] // g
+    idx = mx.arange(groups)
+    blocks = h.reshape(groups, g, groups, g)[idx, :, idx, :]  # (groups, g, g)
+    wg = w.reshape(w.shape[0], groups, g)
+    top = mx.abs(wg).max(axis=-1, keepdims=True)
+    best_err = mx.full(wg.shape[:2], float("inf"))
+    best_top = top
+    for i in range(int(config.max_shrink * config.clip_grid)):
+        limit = top * (1 - i / config.clip_grid)
+        clipped = mx.clip(wg, -limit, limit).reshape(w.shape)
+        delta = (w - _qdq(clipped, spec)).reshape(wg.shape).transpose(1, 0, 2)  # (G, o, g)
+        err = ((delta @ blocks) * delta).sum(axis=-1).T  # (o, G)
+        better = err < best_err
+        best_err = mx.where(better, err, best_err)
+        best_top = mx.where(better[..., None], limit, best_top)
+        mx.eval(best_err, best_top)
+    return mx.clip(wg, -best_top, best_top).reshape(w.shape)
 
 
 # -- driver -------------------------------------------------------------------------------
@@ -217,7 +226,6 @@ def awq_quantize(
     config = config or AWQConfig()
     plan = recipe.plan(model)
     names = {id(m): p for p, m in model.named_modules()}
-    key = mx.random.key(config.seed)
     extras = block_extras(model, tokens.shape[1])
     hidden = block_inputs(model, tokens, batch_size=config.batch_size)
     blocks = list(model.layers)
@@ -229,48 +237,32 @@ def awq_quantize(
             for p in linear_paths(block)
             if isinstance(modules[p], nn.Linear) and plan.get(prefix + p) is not None
         ]
-        inputs: dict[str, list[mx.array]] = {}
-
-        def keep(path: str, x: mx.array, y: mx.array, inputs: dict = inputs) -> None:
-            inputs.setdefault(path, []).append(x)
-
-        with hooked(block, targets, keep):
+        stats = InputStats()
+        with hooked(block, targets, stats):
             outputs = run_block(block, hidden, extras[i])
         for group, producer, variant in _discover(block, hidden[0][:1], extras[i], targets):
             layers = [modules[p] for p in group]
             specs = [plan[prefix + p] for p in group]
-            x = _rows(inputs[group[0]], config.search_tokens, key)
+            h, x_mean = stats.for_layer(group[0])
             if producer is not None:
-                s = _search_scale(x, layers, specs, config.n_grid)  # type: ignore[arg-type]
+                s = _search_scale(h, x_mean, layers, specs, config.n_grid)  # type: ignore[arg-type]
                 _fold(modules[producer], variant or "", layers, s)
-                for p in group:
-                    inputs[p] = [a / s for a in inputs[p]]
-            for p, layer, spec in zip(group, layers, specs):
-                xc = _rows(inputs[p], config.clip_tokens, key)
-                layer.weight = _search_clip(xc, layer.weight, spec, config)  # type: ignore[arg-type]
+                h = h / (s[:, None] * s[None, :])  # the group's inputs are now x / s
+            for layer, spec in zip(layers, specs):
+                layer.weight = _search_clip(h, layer.weight, spec, config)  # type: ignore[arg-type]
         mx.eval(block.parameters())
         hidden = outputs  # the float block's outputs feed the next block, as in AWQ
         if progress:
             progress("awq", i + 1, len(blocks) + 1)
-    _clip_head(model, hidden, tokens, plan, config, key)
+    stats = InputStats()
+    tail_calls(model, hidden, tokens, batch_size=config.batch_size, callback=stats)
+    modules = dict(model.named_modules())
+    for path in stats.owner:
+        key = path.removesuffix("#as_linear")
+        spec = plan.get(key)
+        if spec is not None:  # the head (or tied embedding): clipped, not scaled
+            h, _ = stats.for_layer(path)
+            modules[key].weight = _search_clip(h, modules[key].weight, spec, config)
     if progress:
         progress("awq", len(blocks) + 1, len(blocks) + 1)
     return recipe.apply(model, plan=plan)
-
-
-def _clip_head(model, hidden, tokens, plan, config, key) -> None:
-    inputs: dict[str, list[mx.array]] = {}
-
-    def keep(path: str, x: mx.array, y: mx.array) -> None:
-        if mx.issubdtype(x.dtype, mx.floating):
-            inputs.setdefault(path.removesuffix("#as_linear"), []).append(x)
-
-    tail_calls(model, hidden, tokens, batch_size=config.batch_size, callback=keep)
-    modules = dict(model.named_modules())
-    for path, xs in inputs.items():
-        spec = plan.get(path)
-        if spec is not None:
-            layer = modules[path]
-            layer.weight = _search_clip(
-                _rows(xs, config.clip_tokens, key), layer.weight, spec, config
-            )

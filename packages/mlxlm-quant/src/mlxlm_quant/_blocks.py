@@ -184,3 +184,40 @@ def tail_calls(
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
+
+
+class InputStats:
+    """A :class:`Recorder` callback summing, per distinct input, ``X^T X`` and ``sum |x|``.
+
+    Layers fed the same array (q/k/v, gate/up) share one entry: ``owner[path]`` names the
+    layer whose statistics ``path`` uses. Both learned quantizers need only these sums, so
+    no activation is kept and any amount of calibration data fits in memory.
+    """
+
+    def __init__(self) -> None:
+        self.h: dict[str, mx.array] = {}
+        self.abs_sum: dict[str, mx.array] = {}
+        self.count: dict[str, int] = {}
+        self.owner: dict[str, str] = {}
+        self._last: tuple[mx.array, str] | None = None
+
+    def __call__(self, path: str, x: mx.array, y: mx.array) -> None:
+        if not mx.issubdtype(x.dtype, mx.floating):
+            return  # an embedding lookup: its input is token ids, not activations
+        if self._last is not None and self._last[0] is x:
+            self.owner.setdefault(path, self._last[1])
+            return
+        owner = self.owner.setdefault(path, path)
+        xf = x.reshape(-1, x.shape[-1]).astype(mx.float32)
+        xtx, absx = xf.T @ xf, mx.abs(xf).sum(axis=0)
+        if owner in self.h:
+            xtx, absx = self.h[owner] + xtx, self.abs_sum[owner] + absx
+        self.h[owner], self.abs_sum[owner] = xtx, absx
+        self.count[owner] = self.count.get(owner, 0) + xf.shape[0]
+        mx.eval(xtx, absx)
+        self._last = (x, owner)
+
+    def for_layer(self, path: str) -> tuple[mx.array, mx.array]:
+        """``(X^T X, mean |x| per channel)`` of the input ``path`` was fed."""
+        owner = self.owner[path]
+        return self.h[owner], self.abs_sum[owner] / self.count[owner]

@@ -27,7 +27,15 @@ from mlx.utils import tree_unflatten
 from mlxlm_core import UnsupportedError
 from mlxlm_core.quantize import QuantSpec
 
-from ._blocks import block_extras, block_inputs, hooked, linear_paths, run_block, tail_calls
+from ._blocks import (
+    InputStats,
+    block_extras,
+    block_inputs,
+    hooked,
+    linear_paths,
+    run_block,
+    tail_calls,
+)
 from ._pack import affine_params, quantized_from_codes
 from ._recipe import QuantRecipe, quantize_with_plan
 
@@ -92,32 +100,6 @@ def gptq_weight(
     return codes, mx.array(scales.astype(np.float32)), mx.array(biases.astype(np.float32))
 
 
-class _Hessians:
-    """Accumulates ``X^T X`` per distinct input: layers fed the same array share one.
-
-    ``owner[path]`` names the layer whose Hessian ``path`` uses; GPTQ is independent per
-    output row given ``H``, so layers sharing one (q/k/v, gate/up) are solved as one matrix.
-    """
-
-    def __init__(self) -> None:
-        self.h: dict[str, mx.array] = {}
-        self.owner: dict[str, str] = {}
-        self._last: tuple[mx.array, str] | None = None
-
-    def __call__(self, path: str, x: mx.array, y: mx.array) -> None:
-        if not mx.issubdtype(x.dtype, mx.floating):
-            return  # an embedding lookup: its input is token ids, not activations
-        if self._last is not None and self._last[0] is x:
-            self.owner.setdefault(path, self._last[1])
-            return
-        owner = self.owner.setdefault(path, path)
-        xf = x.reshape(-1, x.shape[-1]).astype(mx.float32)
-        xtx = xf.T @ xf
-        self.h[owner] = self.h[owner] + xtx if owner in self.h else xtx
-        mx.eval(self.h[owner])
-        self._last = (x, owner)
-
-
 def gptq_quantize(
     model: nn.Module,
     tokens: mx.array,
@@ -137,7 +119,7 @@ def gptq_quantize(
     names = {id(m): p for p, m in model.named_modules()}
     done: dict[str, nn.Module] = {}  # full path -> quantized layer
 
-    def gptq_layers(root: nn.Module, prefix: str, hess: _Hessians) -> None:
+    def gptq_layers(root: nn.Module, prefix: str, hess: InputStats) -> None:
         modules = dict(root.named_modules())
         for owner, h in hess.h.items():
             # Layers sharing this Hessian and a spec are stacked into one GPTQ problem.
@@ -185,7 +167,7 @@ def gptq_quantize(
             for p in linear_paths(block)
             if isinstance(dict(block.named_modules())[p], nn.Linear) and plan.get(prefix + p)
         ]
-        hess = _Hessians()
+        hess = InputStats()
         with hooked(block, paths, hess):
             run_block(block, hidden, extras[i])
         gptq_layers(block, prefix, hess)
@@ -200,7 +182,7 @@ def gptq_quantize(
 
 def _gptq_head(model, blocks, hidden, gptq_layers, tokens, config) -> None:
     """GPTQ for the layers after the blocks (the head), fed the final hidden states."""
-    hess = _Hessians()
+    hess = InputStats()
     tail_calls(model, hidden, tokens, batch_size=config.batch_size, callback=hess)
     gptq_layers(model, "", hess)
 
