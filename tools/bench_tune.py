@@ -268,7 +268,7 @@ def run_mlx_lm(args: argparse.Namespace) -> dict[str, Any]:
     data_args = types.SimpleNamespace(
         data=args.data, train=True, test=False, mask_prompt=False, hf_dataset=False
     )
-    train_set, valid_set, _ = load_dataset(data_args, tokenizer)
+    train_set, _, _ = load_dataset(data_args, tokenizer)
     mx.random.seed(0)
     model.freeze()
     linear_to_lora_layers(
