@@ -75,8 +75,8 @@ def compute_reference(model: nn.Module, dataset: Dataset, *, batch_size: int = 8
     batcher = Batcher(dataset, batch_size=batch_size, shuffle=False, bucket=False)
     out = np.zeros((len(dataset), 2), np.float64)
     for b, rows in enumerate(batcher.plan(0)):
-        sums, _ = sequence_logprobs(model, batcher.make_batch(rows))
-        sums = np.array(sums.astype(mx.float32))
+        logps, _ = sequence_logprobs(model, batcher.make_batch(rows))
+        sums = np.array(logps.astype(mx.float32))
         half = len(rows)
         for k, row in enumerate(rows):
             out[row[0]] = (sums[k], sums[half + k])

@@ -179,7 +179,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
     import yaml
 
-    loader = type("_Loader", (yaml.SafeLoader,), {})
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    loader = _Loader
     # YAML 1.1 reads ``1e-5`` (no dot) as a string; accept it as a float like MLX-LM does.
     loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",

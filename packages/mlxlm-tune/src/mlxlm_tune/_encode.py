@@ -55,7 +55,9 @@ class PreferenceSample:
         return max(len(self.chosen), len(self.rejected))
 
 
-def _make(tokens: Sequence[int], mask: Sequence[bool] | np.ndarray, source: str) -> Sample:
+def _make(
+    tokens: Sequence[int] | np.ndarray, mask: Sequence[bool] | np.ndarray, source: str
+) -> Sample:
     ids = np.asarray(tokens, dtype=np.int32)
     m = np.asarray(mask, dtype=bool).copy()
     if m.size:

@@ -25,6 +25,7 @@ from mlxlm_core.adapters import AdapterLayer, fuse_adapters, load_adapters
 from mlxlm_core.quantize import dequantize_model
 
 from ._meta import check_base_model
+from ._trainer import scalar
 
 __all__ = ["PROBE_TEXT", "FuseReport", "adapter_effect_retained", "fuse", "fuse_model"]
 
@@ -76,8 +77,8 @@ def adapter_effect_retained(base: mx.array, adapted: mx.array, fused: mx.array) 
         x = x.astype(mx.float32)
         return x - mx.logsumexp(x, axis=-1, keepdims=True)
 
-    effect = mx.linalg.norm((logp(adapted) - logp(base)).reshape(-1)).item()
-    lost = mx.linalg.norm((logp(fused) - logp(adapted)).reshape(-1)).item()
+    effect = scalar(mx.linalg.norm((logp(adapted) - logp(base)).reshape(-1)))
+    lost = scalar(mx.linalg.norm((logp(fused) - logp(adapted)).reshape(-1)))
     if effect == 0.0:
         return 1.0
     return 1.0 - lost / effect
@@ -113,7 +114,8 @@ def _cast(model: nn.Module, dtype: str, *, half: list[str]) -> None:
     target = getattr(mx, dtype)
     prefixes = tuple(f"{p}." for p in half)
     changed = []
-    for name, value in tree_flatten(model.parameters()):
+    params: dict[str, mx.array] = dict(tree_flatten(model.parameters()))
+    for name, value in params.items():
         if not mx.issubdtype(value.dtype, mx.floating):
             continue
         wanted = mx.float16 if name.startswith(prefixes) else target

@@ -122,4 +122,4 @@ def build_optimizer(
     if key == "adafactor":
         options.setdefault("relative_step", False)  # use the given learning rate
         options.setdefault("scale_parameter", False)
-    return cls(learning_rate=learning_rate, **options)
+    return cls(learning_rate=learning_rate, **options)  # type: ignore[call-arg]

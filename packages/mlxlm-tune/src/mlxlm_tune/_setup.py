@@ -91,8 +91,10 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         return value.size
 
     bits = {p: m.bits for p, m in model.named_modules() if hasattr(m, "bits")}
-    total = sum(size(k, v, bits) for k, v in tree_flatten(model.parameters()))
-    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    params: dict[str, mx.array] = dict(tree_flatten(model.parameters()))
+    trained: dict[str, mx.array] = dict(tree_flatten(model.trainable_parameters()))
+    total = sum(size(k, v, bits) for k, v in params.items())
+    trainable = sum(v.size for v in trained.values())
     return trainable, total
 
 

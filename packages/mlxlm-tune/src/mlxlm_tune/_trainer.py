@@ -60,6 +60,13 @@ class TrainerOptions:
             raise InvalidArgumentError(f"grad_clip must be > 0, got {self.grad_clip}")
 
 
+def scalar(x: mx.array) -> float:
+    """A one-element array as a Python float (``item()`` is typed as possibly complex)."""
+    value = x.item()
+    assert isinstance(value, int | float)
+    return float(value)
+
+
 def _arrays(batch: Batch) -> dict[str, mx.array]:
     out = {"tokens": batch.tokens, "mask": batch.mask}
     if batch.segments is not None:
@@ -102,7 +109,7 @@ def evaluate(
     model.train(was_training)
     if count.item() == 0:
         raise InvalidArgumentError("evaluation saw no target tokens")
-    return (total / count).item()
+    return scalar(total / count)
 
 
 class Trainer:
@@ -178,7 +185,7 @@ class Trainer:
         if threshold and mx.get_cache_memory() > threshold:
             mx.clear_cache()
         self.step += 1
-        return (total_loss / denom).item(), total_count.item()
+        return scalar(total_loss / denom), scalar(total_count)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -264,7 +271,7 @@ class Trainer:
         info = {
             "iteration": self.step,
             "train_loss": window["loss"] / max(window["count"], 1.0),
-            "learning_rate": float(lr.item() if isinstance(lr, mx.array) else lr),
+            "learning_rate": scalar(lr) if isinstance(lr, mx.array) else float(lr),
             "iterations_per_second": window["steps"] / max(window["time"], 1e-9),
             "tokens_per_second": window["count"] / max(window["time"], 1e-9),
             "trained_tokens": int(trained_tokens),
