@@ -165,6 +165,8 @@ def run_method(args: argparse.Namespace, method: str) -> int:
     if getattr(args, "target_bpw", None) is not None:
         from ._dynamic import dynamic_recipe
 
+        assert tokens is not None
+
         widths = tuple(int(b) for b in args.widths.split(","))
         recipe, _ = dynamic_recipe(
             model, tokens, target_bpw=args.target_bpw, base=recipe, bits=widths, progress=progress

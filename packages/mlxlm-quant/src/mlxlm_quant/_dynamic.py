@@ -13,6 +13,7 @@ saved, inspected, edited, and applied by rounding or by a learned quantizer.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,6 +22,11 @@ from mlxlm_core import InvalidArgumentError
 from mlxlm_core.quantize import QuantSpec
 
 from ._recipe import LayerRule, QuantRecipe
+
+
+def _flat(tree: Any) -> list[tuple[str, mx.array]]:
+    return tree_flatten(tree)  # type: ignore[return-value]
+
 
 __all__ = ["bits_per_weight", "dynamic_recipe", "layer_sensitivities", "spec_bits"]
 
@@ -41,7 +47,7 @@ def bits_per_weight(model: nn.Module) -> float:
     quantized = {p: m for p, m in model.named_modules() if hasattr(m, "bits") and "scales" in m}
     total_bits = 0.0
     count = 0
-    for name, value in tree_flatten(model.parameters()):
+    for name, value in _flat(model.parameters()):
         owner, _, leaf = name.rpartition(".")
         module = quantized.get(owner)
         if module is not None and leaf == "weight":
@@ -83,7 +89,7 @@ def layer_sensitivities(
     try:
         for i in range(tokens.shape[0]):
             _, grads = grad_fn(tokens[i : i + 1])
-            for name, g in tree_flatten(grads):
+            for name, g in _flat(grads):
                 path = name.removesuffix(".weight")
                 fisher[path] = fisher[path] + g * g if path in fisher else g * g
             mx.eval(fisher)
@@ -119,7 +125,7 @@ def dynamic_recipe(
     # Everything not quantized (norms, biases, layers kept float) is stored at 16 bits.
     other = sum(
         v.size
-        for name, v in tree_flatten(model.parameters())
+        for name, v in _flat(model.parameters())
         if name.removesuffix(".weight") not in counted
     )
     total = other + sum(sizes.values())

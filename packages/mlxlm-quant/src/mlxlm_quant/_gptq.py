@@ -90,10 +90,10 @@ def gptq_weight(
                 # Saved checkpoints keep float16 scales; choose codes against those.
                 scales[:, g] = np.array(s.astype(mx.float16).astype(mx.float32))[:, 0]
                 biases[:, g] = np.array(b.astype(mx.float16).astype(mx.float32))[:, 0]
-            s, b = scales[:, g], biases[:, g]
-            q = np.clip(np.rint((w1[:, j] - b) / s), 0, maxq)
+            sg, bg = scales[:, g], biases[:, g]
+            q = np.clip(np.rint((w1[:, j] - bg) / sg), 0, maxq)
             codes[:, col] = q
-            e = (w1[:, j] - (q * s + b)) / u1[j, j]
+            e = (w1[:, j] - (q * sg + bg)) / u1[j, j]
             w1[:, j:] -= np.outer(e, u1[j, j:])
             err[:, j] = e
         w[:, i2:] -= err @ u[i1:i2, i2:]

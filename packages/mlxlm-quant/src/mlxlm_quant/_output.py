@@ -13,6 +13,11 @@ from mlxlm_core import InvalidArgumentError, save
 from ._dynamic import bits_per_weight
 from ._recipe import QuantRecipe
 
+
+def _flat(tree: Any) -> list[tuple[str, mx.array]]:
+    return tree_flatten(tree)  # type: ignore[return-value]
+
+
 __all__ = ["check_destination", "round_floats", "save_quantized"]
 
 SAVE_DTYPES = ("float16", "bfloat16", "float32")
@@ -35,7 +40,7 @@ def round_floats(model: nn.Module, dtype: str) -> None:
     target = getattr(mx, dtype)
     changed = [
         (k, v.astype(target).astype(v.dtype))
-        for k, v in tree_flatten(model.parameters())
+        for k, v in _flat(model.parameters())
         if mx.issubdtype(v.dtype, mx.floating) and v.dtype != target
     ]
     if changed:

@@ -137,6 +137,7 @@ class QuantRecipe:
         group = rule.group_size
         if group is None:
             group = self.group_size if mode == self.mode else QUANT_MODES[mode][2]
+        assert group is not None
         return QuantSpec(bits=rule.bits or self.bits, group_size=group, mode=mode)
 
     # -- applying -----------------------------------------------------------------------
