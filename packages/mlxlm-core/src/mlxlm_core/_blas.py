@@ -137,7 +137,9 @@ def _choose() -> BlasInfo:
         )
     if setting.lower() != "auto":
         path = Path(setting).expanduser()
-        info, why = _load(path, "mkl" if "libmkl_rt" in path.name else "custom")
+        kind = "mkl" if "libmkl" in path.name else "custom"
+        kind = "openblas" if "openblas" in path.name else kind
+        info, why = _load(path, kind)
         if info is None:
             warnings.warn(f"{ENV_VAR}={setting}: {why}; using MLX's bundled BLAS", stacklevel=3)
             return BlasInfo("bundled", None, f"{ENV_VAR}={setting} failed: {why}")
