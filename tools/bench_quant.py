@@ -109,18 +109,22 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         path = save(Path(tmp) / "float", model, tokenizer, config, dtype="float32")
-        print("| method | mlxlm-quant (s) | MLX-LM (s) | ratio | ppl mlxlm-quant | ppl MLX-LM |")
+        print(
+            "| method | mlxlm-quant wall / CPU (s) | MLX-LM wall / CPU (s) | ratio wall / CPU "
+            "| ppl mlxlm-quant | ppl MLX-LM |"
+        )
         print("|---|---|---|---|---|---|")
         for method in args.methods.split(","):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             mine = ours(method, path, tokens)
-            t_ours = time.perf_counter() - t0
-            t0 = time.perf_counter()
+            t_ours, c_ours = time.perf_counter() - t0, time.process_time() - c0
+            t0, c0 = time.perf_counter(), time.process_time()
             other = theirs(method, path, tokens)
-            t_theirs = time.perf_counter() - t0
+            t_theirs, c_theirs = time.perf_counter() - t0, time.process_time() - c0
             print(
-                f"| {method} 4-bit g64 | {t_ours:.1f} | {t_theirs:.1f} | "
-                f"{t_ours / t_theirs:.2f} | {perplexity(mine, windows):.3f} | "
+                f"| {method} 4-bit g64 | {t_ours:.0f} / {c_ours:.0f} | "
+                f"{t_theirs:.0f} / {c_theirs:.0f} | {t_ours / t_theirs:.2f} / "
+                f"{c_ours / c_theirs:.2f} | {perplexity(mine, windows):.3f} | "
                 f"{perplexity(other, windows):.3f} |",
                 flush=True,
             )

@@ -130,17 +130,30 @@ def dwq_quantize(
         options=tune.TrainerOptions(iters=config.steps, compile=False),
     )
     n = tokens.shape[0]
+    # The teacher's targets are reused on later passes over the data when they fit in
+    # about 2 GB; otherwise they are recomputed each step.
+    vocab = teacher(tokens[:1, :2]).shape[-1]
+    keep = tokens.size * vocab * 4 <= 2 << 30
+    cache: dict[int, mx.array] = {}
+
+    def target(i: int) -> mx.array:
+        if i in cache:
+            return cache[i]
+        logits = teacher(tokens[i : i + 1]).astype(mx.float32) / t
+        out = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        mx.eval(out)
+        if keep:
+            cache[i] = out
+        return out
+
     try:
         for step in range(config.steps):
-            rows = mx.array([(step * config.batch_size + i) % n for i in range(config.batch_size)])
-            batch_tokens = tokens[rows]
-            logits = teacher(batch_tokens).astype(mx.float32) / t
-            target = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            mx.eval(target)
+            rows = [(step * config.batch_size + i) % n for i in range(config.batch_size)]
+            batch_tokens = tokens[mx.array(rows)]
             batch = tune.Batch(
                 tokens=batch_tokens,
                 mask=mx.ones(batch_tokens.shape),
-                reference=target,
+                reference=mx.concatenate([target(i) for i in rows]),
             )
             trainer.train_step([batch])
             if progress:
