@@ -6,6 +6,9 @@ float32: MLX-LM keeps a checkpoint's float16 scales, whose CPU kernels are ~30x 
 the same jsonl data. Each engine runs in a fresh process (so peak memory is its own),
 alternating, ``--runs`` times; the median is reported with the ratio mlxlm / MLX-LM.
 
+Both processes run on the same BLAS under MLX (whatever ``import mlxlm_core`` selects), so
+the comparison is of the trainers, not of the matrix library.
+
 Tokens/s counts target tokens (what the loss is computed on, MLX-LM's definition) over the
 steps after the first report window (compilation and warm-up excluded, for both).
 
@@ -44,7 +47,7 @@ def write_data(folder: Path, *, examples: int, seed: int = 0) -> Path:
     for split, n in (("train", examples), ("valid", 8)):
         rows = []
         for _ in range(n):
-            words = rng.choice(WORDS, int(rng.integers(20, 160)))
+            words = rng.choice(WORDS, int(rng.integers(16, 96)))
             rows.append({"text": " ".join(words).capitalize() + "."})
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
@@ -126,6 +129,10 @@ def run_mlx_lm(args: argparse.Namespace) -> dict[str, Any]:
 
     import mlx.core as mx
     import mlx.optimizers as optim
+
+    # The same BLAS under MLX as mlxlm uses (importing mlxlm_core loads it; MLX-LM alone
+    # would run on MLX's bundled reference BLAS, ~10x slower, which measures the BLAS).
+    import mlxlm_core  # noqa: F401
     from mlx_lm import load
     from mlx_lm.tuner.callbacks import TrainingCallback
     from mlx_lm.tuner.datasets import CacheDataset, load_dataset

@@ -8,7 +8,6 @@ public on its own for callers that assemble their own loop.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,9 +120,8 @@ def _check_data(splits: DatasetSplits, config: TrainingConfig) -> None:
 
 
 def _default_callbacks(config: TrainingConfig, run_dir: Path) -> list[TrainingCallback]:
-    callbacks: list[TrainingCallback] = [ProgressBar()]
-    if not sys.stderr.isatty():
-        callbacks.append(PrintReporter())
+    # The bar (terminal only) shows progress; the printed lines are the run's record.
+    callbacks: list[TrainingCallback] = [ProgressBar(), PrintReporter()]
     callbacks += make_reporters(
         config.report_to, run_dir=run_dir, project=config.project_name, config=config.to_dict()
     )

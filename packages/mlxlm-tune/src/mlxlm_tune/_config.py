@@ -152,9 +152,7 @@ class TrainingConfig:
     def from_dict(cls, values: Mapping[str, Any], *, source: str = "config") -> TrainingConfig:
         """Build from a mapping; unknown keys are refused by name."""
         names = {f.name for f in dataclasses.fields(cls)}
-        # MLX-LM spellings kept for its YAML files.
-        aliases = {"mask_prompt": "mask_prompt", "grad_checkpoint": "grad_checkpoint"}
-        values = {aliases.get(k, k): v for k, v in values.items()}
+        # Keys MLX-LM's YAML files may carry that mean nothing here.
         unknown = sorted(set(values) - names - {"config", "trust_remote_code", "hf_dataset"})
         if unknown:
             raise InvalidArgumentError(f"{source}: unknown option(s) {', '.join(unknown)}")
