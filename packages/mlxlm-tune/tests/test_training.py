@@ -251,3 +251,31 @@ def test_schedule_warmup_then_cosine() -> None:
 def test_bad_optimizer_options_named() -> None:
     with pytest.raises(InvalidArgumentError, match=r"optimizer_config\.adam: unknown option"):
         build_optimizer("adam", 1e-3, {"betas": [0.9, 0.99], "momentum": 0.9})
+
+
+def test_trainer_takes_any_loss_and_any_trainable_parameters(tiny: Path) -> None:
+    """What a learned quantizer needs: its own loss on its own parameters (here the norms)."""
+    model, _ = load(tiny)
+    batch = collate([[Sample(np.array([1, 2, 3, 4, 5, 6], np.int32), np.ones(6, bool))]])
+    target = 0.5 * model(batch.tokens)
+    model.freeze()
+    for block in model.layers:
+        block.input_layernorm.unfreeze()
+
+    def distill(m: nn.Module, batch: Any) -> tuple[mx.array, mx.array]:
+        out = m(batch.tokens)
+        return ((out - target) ** 2).mean(), mx.array(1.0)
+
+    trainer = Trainer(
+        model,
+        optim.Adam(learning_rate=1e-2),
+        loss=distill,
+        options=TrainerOptions(clear_cache_threshold=1),
+    )
+    first = trainer.train_step([batch])[0]
+    for _ in range(5):
+        last = trainer.train_step([batch])[0]
+    assert last < first
+    assert mx.get_cache_memory() == 0  # --clear-cache-threshold took effect
+    names = {k for k, _ in tree_flatten(model.trainable_parameters())}
+    assert names and all("input_layernorm" in k for k in names)
