@@ -103,11 +103,14 @@ def generate_step(
     if prompt_progress_callback is not None:
         prompt_progress_callback(prompt.size, prompt.size)
     for produced in range(max_tokens):
-        if produced + 1 < max_tokens:
-            with mx.stream(stream):
+        with mx.stream(stream):
+            # Even the row slice of the log-probabilities stays on the generation stream: an
+            # op on the default stream here made the streams wait for each other every step.
+            logprobs = current[1][0]
+            if produced + 1 < max_tokens:
                 upcoming = decode_step(model, current[0][:, None], cache, sampling)
                 mx.async_eval(*upcoming)
-        yield int(current[0].item()), current[1][0]
+        yield int(current[0].item()), logprobs
         if produced + 1 < max_tokens:
             current = upcoming
 
