@@ -14,7 +14,7 @@ remembering only ``DataPosition(epoch, index)`` — no iterator state to pickle.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
@@ -54,6 +54,10 @@ class Batch:
     reference: mx.array | None = None
     num_tokens: int = 0
     preference: bool = False
+    #: Arrays a custom loss needs per batch (e.g. a teacher's logits for distillation).
+    #: They reach the loss through the compiled step as inputs: a loss that closed over
+    #: arrays instead would be refused by ``mx.compile``.
+    extra: dict[str, mx.array] = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -73,6 +73,7 @@ def _arrays(batch: Batch) -> dict[str, mx.array]:
         out["segments"] = batch.segments
     if batch.reference is not None:
         out["reference"] = batch.reference
+    out.update({f"extra.{k}": v for k, v in batch.extra.items()})
     return out
 
 
@@ -83,6 +84,7 @@ def _rebuild(arrays: dict[str, mx.array], preference: bool) -> Batch:
         segments=arrays.get("segments"),
         reference=arrays.get("reference"),
         preference=preference,
+        extra={k[6:]: v for k, v in arrays.items() if k.startswith("extra.")},
     )
 
 
@@ -181,11 +183,12 @@ class Trainer:
             grads, _ = optim.clip_grad_norm(grads, self.options.grad_clip)
         self.optimizer.update(self.model, grads)
         mx.eval(self.model.parameters(), self.optimizer.state, total_loss, total_count)
+        result = scalar(total_loss / denom), scalar(total_count)
         threshold = self.options.clear_cache_threshold
         if threshold and mx.get_cache_memory() > threshold:
             mx.clear_cache()
         self.step += 1
-        return scalar(total_loss / denom), scalar(total_count)
+        return result
 
     # -- checkpoints ---------------------------------------------------------------------------
 
