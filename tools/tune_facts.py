@@ -151,7 +151,7 @@ def run_method(
         learning_rate=learning_rate,
         lr_schedule="cosine",
         warmup=max(iters // 10, 1),
-        lora_parameters={"rank": rank, "scale": 2.0, "dropout": 0.0},
+        lora_parameters={"rank": rank, "scale": 20.0, "dropout": 0.0},
         adapter_path=str(adapter),
         save_every=0,
         steps_per_report=max(iters // 5, 1),
@@ -184,9 +184,9 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model (default: the default model)")
     parser.add_argument("--facts", type=int, default=120)
     parser.add_argument("--methods", default="lora,dora,qlora")
-    parser.add_argument("--epochs", type=float, default=12.0)
+    parser.add_argument("--epochs", type=float, default=10.0)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--num-layers", type=int, default=8)
     parser.add_argument("--json", action="store_true")
