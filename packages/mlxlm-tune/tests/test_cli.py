@@ -31,7 +31,7 @@ def _parse(command: object, argv: list[str]) -> object:
 
 def _data(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", 6), ("valid", 2)):
+    for split, n in (("train", 6), ("valid", 2), ("test", 2)):
         (folder / f"{split}.jsonl").write_text((json.dumps(CHAT) + "\n") * n)
     return folder
 
@@ -89,6 +89,24 @@ def test_lora_command_trains_from_yaml_and_flags(
         "0000004_optimizer.safetensors",
     ):
         assert (out / name).is_file(), name
+
+    # --test alone evaluates the trained adapter, not fresh ones
+    argv = [
+        "--model",
+        str(tiny),
+        "--data",
+        str(tmp_path / "data"),
+        "--test",
+        "--adapter-path",
+        str(out),
+        "--num-layers",
+        "2",
+        "--batch-size",
+        "2",
+    ]
+    assert LORA.run(_parse(LORA, argv)) == 0  # type: ignore[arg-type]
+    tested = capsys.readouterr().out
+    assert "Test loss" in tested and "Trained" not in tested
 
     fused = tmp_path / "fused"
     args = _parse(

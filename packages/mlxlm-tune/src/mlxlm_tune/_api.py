@@ -18,7 +18,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 from mlxlm_core import CheckpointError, InvalidArgumentError
-from mlxlm_core.adapters import save_adapters
+from mlxlm_core.adapters import load_adapters, save_adapters
 
 from ._batching import Batcher
 from ._callbacks import PrintReporter, ProgressBar, TrainingCallback, make_reporters
@@ -162,7 +162,13 @@ def train(
         raise InvalidArgumentError(f"{config.data}: no test set (test.jsonl)")
     run_dir = Path(config.adapter_path)
     adapter_config = config.adapter_config()
-    prepare_model(model, adapter_config)
+    if config.train:
+        prepare_model(model, adapter_config)
+    elif (run_dir / "adapter_config.json").is_file():
+        # --test alone evaluates the trained adapter (MLX-LM's behaviour).
+        check_base_model(model, run_dir)
+        load_adapters(model, run_dir)
+        model.freeze()
     if config.loss == "dpo":
         for split in (datasets.train, datasets.valid, datasets.test):
             if split is not None:
@@ -191,7 +197,6 @@ def train(
     chosen_callbacks = (
         list(callbacks) if callbacks is not None else _default_callbacks(config, run_dir)
     )
-    trainer = Trainer(model, optimizer, loss=loss, options=options, callbacks=chosen_callbacks)
     extra = {**config.to_dict(), **tune_metadata(model)}
 
     def save_weights(folder: Path, step: int, name: str | None = None) -> Path:
@@ -205,8 +210,10 @@ def train(
 
     pad_id = int(getattr(tokenizer, "pad_token_id", None) or 0)
     last: dict[str, Any] = {}
+    steps = 0
     if config.train:
         assert datasets.train is not None
+        trainer = Trainer(model, optimizer, loss=loss, options=options, callbacks=chosen_callbacks)
         if config.resume:
             check_base_model(model, config.resume)
             trainer.resume(config.resume)
@@ -222,6 +229,7 @@ def train(
             train_batches, valid=valid_batches, checkpoint_dir=run_dir, save_weights=save_weights
         )
         save_weights(run_dir, trainer.step, "adapters.safetensors")
+        steps = trainer.step
     test_loss = None
     if config.test:
         assert datasets.test is not None
@@ -239,7 +247,7 @@ def train(
         print(f"Test loss {test_loss:.3f}, Test ppl {math.exp(min(test_loss, 50)):.3f}.")
     return TrainResult(
         adapter_path=run_dir,
-        steps=trainer.step,
+        steps=steps,
         train_loss=last.get("train_loss"),
         val_loss=last.get("val_loss"),
         test_loss=test_loss,
