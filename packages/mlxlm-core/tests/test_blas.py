@@ -55,25 +55,43 @@ print(json.dumps(out))
 """
 
 
-def probe(setting: str | None, *flags: str) -> dict[str, Any]:
-    env = dict(os.environ)
-    env.pop("MLXLM_BLAS", None)
-    if setting is not None:
-        env["MLXLM_BLAS"] = setting
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE, *flags],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    return json.loads(done.stdout.strip().splitlines()[-1])
+CASES = {
+    "auto": (None, "--matmul"),
+    "off": ("off", "--matmul"),
+    # libm is on every Linux system and exports no cblas_* symbol.
+    "no-cblas": ("libm.so.6",),
+    "missing": ("/nonexistent/libblas.so",),
+    "mlx-first": (None, "--mlx-first"),
+}
 
 
 @pytest.fixture(scope="module")
-def auto() -> dict[str, Any]:
-    return probe(None, "--matmul")
+def probes() -> dict[str, dict[str, Any]]:
+    """Every case in its own fresh interpreter, all started at once (each imports MLX)."""
+    running = {}
+    for name, (setting, *flags) in CASES.items():
+        env = dict(os.environ)
+        env.pop("MLXLM_BLAS", None)
+        if setting is not None:
+            env["MLXLM_BLAS"] = setting
+        running[name] = subprocess.Popen(
+            [sys.executable, "-c", PROBE, *flags],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    results = {}
+    for name, proc in running.items():
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+        results[name] = json.loads(out.strip().splitlines()[-1])
+    return results
+
+
+@pytest.fixture(scope="module")
+def auto(probes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return probes["auto"]
 
 
 def test_import_changes_no_environment_or_logging(auto: dict[str, Any]) -> None:
@@ -103,29 +121,28 @@ def test_matmul_results_match_float64_numpy(auto: dict[str, Any]) -> None:
     assert auto["max_relative_error"] < 1e-5
 
 
-def test_off_keeps_mlx_bundled_blas_with_the_same_results() -> None:
-    off = probe("off", "--matmul")
+def test_off_keeps_mlx_bundled_blas_with_the_same_results(probes) -> None:
+    off = probes["off"]
     assert off["name"] == "bundled" and off["path"] is None
     assert off["owner"] is None  # nothing in the global scope: libmlx uses its own
     assert off["max_relative_error"] < 1e-5
 
 
-def test_a_library_without_cblas_names_is_refused_with_a_warning() -> None:
-    # libm is on every Linux system and exports no cblas_* symbol.
-    out = probe("libm.so.6")
+def test_a_library_without_cblas_names_is_refused_with_a_warning(probes) -> None:
+    out = probes["no-cblas"]
     assert out["name"] == "bundled"
     assert "does not export cblas_sgemm" in out["detail"]
     assert out["owner"] is None  # it never entered the global scope
     assert len(out["warnings"]) == 1
 
 
-def test_a_missing_library_is_reported() -> None:
-    out = probe("/nonexistent/libblas.so")
+def test_a_missing_library_is_reported(probes) -> None:
+    out = probes["missing"]
     assert out["name"] == "bundled" and "cannot load" in out["detail"]
     assert len(out["warnings"]) == 1
 
 
-def test_too_late_after_mlx_core_was_imported() -> None:
-    out = probe(None, "--mlx-first")
+def test_too_late_after_mlx_core_was_imported(probes) -> None:
+    out = probes["mlx-first"]
     assert out["name"] == "bundled"
     assert "imported before mlxlm_core" in out["detail"]
