@@ -195,9 +195,10 @@ def apply_policy(model: nn.Module, policy: ExecutionPolicy) -> ExecutionPolicy:
     """
     if policy.dtype is not None:
         target = DTYPES[policy.dtype]
+        flat: list[tuple[str, mx.array]] = tree_flatten(model.parameters())  # type: ignore[assignment]
         changed = [
             (name, value.astype(target))
-            for name, value in tree_flatten(model.parameters())
+            for name, value in flat
             if mx.issubdtype(value.dtype, mx.floating) and value.dtype != target
         ]
         if changed:

@@ -122,14 +122,14 @@ def convert_quantized_layers(
     references held elsewhere (adapters wrapping a layer) stay valid. Subclasses that other
     code defined are left alone: their ``__call__`` may do something this one would not.
     """
-    layers = []
+    layers: list[nn.Module] = []
     for module in model.modules():
         cls = type(module)
         if cls in _SWAPS:
             module.__class__ = _SWAPS[cls]
         if isinstance(module, _PolicyMixin):
             module.configure(dense=dense, dequantize_rows=dequantize_rows)
-            layers.append(module)
+            layers.append(module)  # type: ignore[arg-type]
     return layers
 
 

@@ -54,7 +54,7 @@ def run_compare(args: argparse.Namespace) -> int:
     config = json.loads((Path(model_dir) / "config.json").read_text())
     vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
     mx.random.seed(args.seed)
-    prompt = mx.random.randint(0, vocab, (args.prompt_tokens,)).tolist()
+    prompt: list[int] = mx.random.randint(0, vocab, (args.prompt_tokens,)).tolist()  # type: ignore[assignment]
     options = {"dtype": args.dtype, "weight_mode": args.weight_mode}
     if args.adapter_path:
         options["adapter_path"] = args.adapter_path
@@ -108,7 +108,7 @@ def _report(
     engines: dict[str, Any] = {}
     for worker in workers:
         runs = trials[worker.engine]
-        summary = {key: _median(runs, key) for key in METRICS}
+        summary: dict[str, Any] = {key: _median(runs, key) for key in METRICS}
         summary["policy"] = worker.info.get("policy")
         summary["decode_bytes"] = worker.info.get("decode_bytes")
         if worker.info.get("blas"):

@@ -75,7 +75,7 @@ def _mlx_runner(spec: Spec) -> tuple[Callable[[], dict[str, float]], dict[str, A
         from mlx_lm import load as peer_load
         from mlx_lm.generate import generate_step as peer_step
 
-        model, _ = peer_load(spec.model)
+        model = peer_load(spec.model)[0]
         info = {"policy": "MLX-LM defaults (checkpoint dtype, MLX quantized kernels)"}
         info["decode_bytes"] = decode_bytes(model)
 
