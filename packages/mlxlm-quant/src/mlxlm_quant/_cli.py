@@ -169,7 +169,13 @@ def run_method(args: argparse.Namespace, method: str) -> int:
 
         widths = tuple(int(b) for b in args.widths.split(","))
         recipe, _ = dynamic_recipe(
-            model, tokens, target_bpw=args.target_bpw, base=recipe, bits=widths, progress=progress
+            model,
+            tokens,
+            target_bpw=args.target_bpw,
+            base=recipe,
+            bits=widths,
+            estimator=args.estimator,
+            progress=progress,
         )
         details["target_bpw"] = args.target_bpw
     extra = {"dwq_steps": args.steps, "dwq_lr": args.learning_rate} if method == "dwq" else {}
@@ -226,6 +232,12 @@ def _add_dynamic(parser: argparse.ArgumentParser) -> None:
         help="bits per weight to reach (scales and float layers included)",
     )
     parser.add_argument("--widths", default="2,3,4,5,6,8", help="candidate bit widths")
+    parser.add_argument(
+        "--estimator",
+        choices=("gradient", "fisher"),
+        default="gradient",
+        help="how layer sensitivities are estimated",
+    )
     parser.add_argument(
         "--quantizer",
         choices=("rtn", "awq", "gptq"),

@@ -1,12 +1,13 @@
 """Dynamic quantization: per-layer bit widths that meet a bits-per-weight budget.
 
-Each layer's sensitivity to quantization at width ``b`` is estimated to second order with
-the empirical Fisher information of the calibration loss: ``dL(b) ~ 1/2 sum(F * (Q_b(W) -
-W)^2)``, where ``F`` is the mean squared gradient of the next-token cross-entropy with
-respect to ``W`` (one backward pass per calibration sequence, at the float model). The
-widths are then allocated greedily: every layer starts at the narrowest candidate and the
-upgrade with the largest estimated loss reduction per added bit is taken while the budget
-allows. The result is a :class:`QuantRecipe` with one exact rule per layer, so it can be
+Each layer's loss at width ``b`` is estimated from one backward pass per calibration
+sequence. By default (``gradient``) the model is first quantized at the narrowest width and
+``g``, the gradient of the KL divergence from the float model's predictions, prices each
+move of one layer to width ``b`` to first order: ``g . (Q_b(W) - Q_low(W))`` (MLX-LM's
+dynamic quantization measures the same alignment). ``fisher`` instead takes the second-order
+estimate at the float model, ``1/2 sum(F (Q_b(W) - W)^2)``. The widths are then allocated
+greedily: every layer starts at the narrowest candidate and the upgrade with the largest
+estimated loss reduction per added bit is taken while the budget allows. The result is a :class:`QuantRecipe` with one exact rule per layer, so it can be
 saved, inspected, edited, and applied by rounding or by a learned quantizer.
 """
 
@@ -72,36 +73,65 @@ def layer_sensitivities(
     layers: Sequence[str],
     candidates: Sequence[QuantSpec],
     *,
+    estimator: str = "gradient",
     progress: Progress | None = None,
 ) -> dict[str, list[float]]:
-    """Estimated loss increase of quantizing each layer alone at each candidate spec."""
+    """Estimated loss of quantizing each layer at each candidate spec (up to a constant).
+
+    ``gradient`` (default): with every layer at the narrowest candidate, the gradient ``g``
+    of the KL divergence from the float model's predictions gives, to first order, the loss
+    change of moving one layer to spec ``c``: ``g . (Q_c(W) - Q_low(W))``. Measured at the
+    damaged model, it sees how much narrow widths actually hurt. ``fisher``: second order at
+    the float model, ``1/2 sum(F (Q_c(W) - W)^2)`` with the empirical Fisher ``F``.
+    """
     modules = dict(model.named_modules())
+    originals = {p: modules[p].weight for p in layers}
+    targets: list[mx.array] = []
+    if estimator == "gradient":
+        for i in range(tokens.shape[0]):
+            logits = model(tokens[i : i + 1, :-1]).astype(mx.float32)
+            targets.append(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+            mx.eval(targets[-1])
+        for p in layers:
+            modules[p].weight = _qdq(originals[p], candidates[0])
+    elif estimator != "fisher":
+        raise InvalidArgumentError(f"estimator must be gradient or fisher, got {estimator!r}")
     model.freeze()
     for path in layers:
         modules[path].unfreeze(keys=["weight"], recurse=False)
 
-    def loss_fn(batch: mx.array) -> mx.array:
+    def loss_fn(batch: mx.array, target: mx.array | None) -> mx.array:
         logits = model(batch[:, :-1]).astype(mx.float32)
-        return nn.losses.cross_entropy(logits, batch[:, 1:], reduction="mean")
+        if target is None:
+            return nn.losses.cross_entropy(logits, batch[:, 1:], reduction="mean")
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return (mx.exp(target) * (target - logp)).sum(axis=-1).mean()
 
     grad_fn = nn.value_and_grad(model, loss_fn)
-    fisher: dict[str, mx.array] = {}
+    acc: dict[str, mx.array] = {}
     try:
         for i in range(tokens.shape[0]):
-            _, grads = grad_fn(tokens[i : i + 1])
+            _, grads = grad_fn(tokens[i : i + 1], targets[i] if targets else None)
             for name, g in _flat(grads):
                 path = name.removesuffix(".weight")
-                fisher[path] = fisher[path] + g * g if path in fisher else g * g
-            mx.eval(fisher)
+                value = g if targets else g * g
+                acc[path] = acc[path] + value if path in acc else value
+            mx.eval(acc)
             if progress:
                 progress("sensitivity", i + 1, tokens.shape[0])
     finally:
         model.unfreeze()
+        for p in layers:
+            modules[p].weight = originals[p]
     out: dict[str, list[float]] = {}
     for path in layers:
-        w = modules[path].weight
-        f = fisher[path] / tokens.shape[0]
-        out[path] = [float(0.5 * (f * (_qdq(w, c) - w) ** 2).sum()) for c in candidates]
+        w = originals[path]
+        a = acc[path] / tokens.shape[0]
+        if targets:
+            low = _qdq(w, candidates[0])
+            out[path] = [float((a * (_qdq(w, c) - low)).sum()) for c in candidates]
+        else:
+            out[path] = [float(0.5 * (a * (_qdq(w, c) - w) ** 2).sum()) for c in candidates]
     return out
 
 
@@ -112,6 +142,7 @@ def dynamic_recipe(
     target_bpw: float,
     base: QuantRecipe | None = None,
     bits: Sequence[int] = (2, 3, 4, 5, 6, 8),
+    estimator: str = "gradient",
     progress: Progress | None = None,
 ) -> tuple[QuantRecipe, dict[str, list[float]]]:
     """A recipe choosing each layer's width from ``bits`` to meet ``target_bpw``."""
@@ -139,26 +170,28 @@ def dynamic_recipe(
             f"target {target_bpw} bits per weight is out of reach: this model can take "
             f"{low:.2f} to {high:.2f} with widths {list(bits)} and group size {group}"
         )
-    sens = layer_sensitivities(model, tokens, layers, candidates, progress=progress)
+    sens = layer_sensitivities(
+        model, tokens, layers, candidates, estimator=estimator, progress=progress
+    )
     choice = dict.fromkeys(layers, 0)
     used = floor
     while True:
-        best, best_gain = None, 0.0
+        # The best estimated loss reduction per added bit, over every wider candidate of
+        # every layer (estimates need not fall monotonically with width).
+        best, best_gain, best_extra = None, 0.0, 0.0
         for p in layers:
             k = choice[p]
-            if k + 1 >= len(candidates):
-                continue
-            extra = (spec_bits(candidates[k + 1]) - spec_bits(candidates[k])) * sizes[p]
-            if used + extra > budget:
-                continue
-            gain = (sens[p][k] - sens[p][k + 1]) / extra
-            if best is None or gain > best_gain:
-                best, best_gain = p, gain
+            for j in range(k + 1, len(candidates)):
+                extra = (spec_bits(candidates[j]) - spec_bits(candidates[k])) * sizes[p]
+                if used + extra > budget:
+                    break
+                gain = (sens[p][k] - sens[p][j]) / extra
+                if gain > best_gain:
+                    best, best_gain, best_extra = (p, j), gain, extra
         if best is None:
             break
-        k = choice[best]
-        used += (spec_bits(candidates[k + 1]) - spec_bits(candidates[k])) * sizes[best]
-        choice[best] = k + 1
+        choice[best[0]] = best[1]
+        used += best_extra
     rules = tuple(LayerRule(match=p, bits=candidates[k].bits) for p, k in choice.items())
     recipe = QuantRecipe(
         bits=candidates[0].bits,
