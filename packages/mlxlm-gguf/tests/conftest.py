@@ -229,3 +229,55 @@ def make_gguf(tmp_path: Path, bpe_vocab) -> Callable[..., Built]:
         return Built(path, spec, hf, names, tokens, merges)
 
     return build
+
+
+# --- export side: tiny MLX model directories with real tokenizers (see _builders.py) -----
+
+
+def _load_builders():
+    import importlib.util
+
+    path = Path(__file__).with_name("_builders.py")
+    spec = importlib.util.spec_from_file_location("mlxlm_gguf_tests_builders", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def builders():
+    return _load_builders()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, builders) -> Callable[[str], Path]:
+    """``tokenizer_dir(kind)``: a tokenizer folder; kind is a llama.cpp pre name or "spm"."""
+    made: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in made:
+            folder = tmp_path_factory.mktemp(f"tok-{kind}")
+            made[kind] = (
+                builders.write_spm(folder)
+                if kind == "spm"
+                else builders.write_byte_bpe(folder, kind)
+            )
+        return made[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, builders, tokenizer_dir) -> Callable[..., Path]:
+    """``model_dir(arch, tokenizer="gpt-2")``: a tiny float32 MLX model directory."""
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(arch: str, tokenizer: str = "gpt-2") -> Path:
+        key = (arch, tokenizer)
+        if key not in made:
+            folder = tmp_path_factory.mktemp(f"model-{arch}-{tokenizer}")
+            made[key] = builders.write_model(folder, arch, tokenizer_dir(tokenizer))
+        return made[key]
+
+    return get

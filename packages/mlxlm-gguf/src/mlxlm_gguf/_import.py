@@ -6,6 +6,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -27,6 +28,7 @@ from ._tensors import GROUP_SIZE, Converted, convert_tensor
 from ._tokenizer import SpecialTokens, build_tokenizer, write_tokenizer_files
 
 logger = logging.getLogger("mlxlm_gguf")
+_BLOCK_TENSOR = re.compile(r"^blk\.\d+\.")
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 # Above this many bytes the weights are split into shards, as Hugging Face and mlx-lm do.
@@ -85,13 +87,30 @@ def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     model_cls, args_cls = get_model_classes(config["model_type"])
     try:
         model = model_cls(args_cls.from_dict(config))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"metadata describes no valid {config['model_type']} ({e})") from e
-    return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+        return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    except Exception as e:  # whatever the architecture code says about impossible sizes
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"metadata describes no valid {config['model_type']} model ({msg})"
+        ) from e
+    finally:
+        # Initialising parameters draws from MLX's global generator, lazily: evaluate its key
+        # now, or every check leaves a longer chain of pending splits behind (the fuzz test
+        # saw gigabytes after 10,000 checks).
+        mx.eval(mx.random.state)
 
 
 def check_tensor_shapes(f: GGUFFile, spec: ArchSpec, config: dict[str, Any]) -> None:
     """Every tensor named and shaped as the metadata's architecture needs, before any work."""
+    # Count blocks from the tensor names first: a damaged block count must not make us
+    # build (even lazily) a model of millions of layers.
+    blocks = {int(t.name.split(".")[1]) for t in f.tensors if _BLOCK_TENSOR.match(t.name)}
+    n = config["num_hidden_layers"]
+    if len(blocks) != n or min(blocks, default=0) != 0 or max(blocks, default=-1) != n - 1:
+        raise CheckpointError(
+            f"{f.path}: the metadata says {config['num_hidden_layers']} blocks but the file "
+            f"has tensors for {len(blocks)}"
+        )
     expected = _expected_shapes(config)
     seen: set[str] = set()
     for t in f.tensors:

@@ -2,7 +2,8 @@
 
 The `gguf` package's reader parses the header in pure Python and memory-maps the tensor
 data, so a damaged file raises an ordinary exception (never a crash in native code, which
-`mx.load` can do on a truncated file). Every such exception becomes one `CheckpointError`
+`mx.load` can do on a truncated file); `_layout` checks every count first, since the
+reader would otherwise loop on a damaged one until memory runs out. Every such exception becomes one `CheckpointError`
 line here, so callers only see errors that name the file and what is wrong with it.
 """
 
@@ -16,6 +17,8 @@ import gguf
 import numpy as np
 from gguf import GGUFValueType
 from mlxlm_core import CheckpointError
+
+from ._layout import check_layout
 
 GGUF_MAGIC = b"GGUF"
 
@@ -74,6 +77,7 @@ def open_gguf(path: Path) -> GGUFFile:
         raise CheckpointError(f"{path}: not a file")
     if not is_gguf_file(path):
         raise CheckpointError(f"{path}: not a GGUF file (missing 'GGUF' magic bytes)")
+    check_layout(path)  # the `gguf` reader trusts counts in the file; we check them first
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, KeyError, IndexError, …

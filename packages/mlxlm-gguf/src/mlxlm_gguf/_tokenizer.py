@@ -168,7 +168,10 @@ def _bpe_tokenizer(f: GGUFFile, tokens: list[str]) -> Tokenizer:
     vocab: dict[str, int] = {}
     for i, t in enumerate(tokens):
         vocab.setdefault(t, i)  # keep the first id of a duplicated string
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
+    try:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
+    except Exception as e:  # the Rust library raises a bare Exception (merge of unknown token)
+        raise CheckpointError(f"{f.path}: inconsistent BPE vocabulary ({e})") from e
     tok.pre_tokenizer = pre_tok
     tok.decoder = decoders.ByteLevel()
     if pre in QWEN2_PRES:

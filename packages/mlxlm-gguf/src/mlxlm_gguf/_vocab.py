@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import gguf
-from mlxlm_core import InvalidArgumentError, UnsupportedError
+from mlxlm_core import InvalidArgumentError, TokenizerWrapper, UnsupportedError
 
 from ._tokenizer import (
     BYTE,
@@ -172,7 +172,8 @@ def vocab_from_tokenizer(
             special[key] = int(value)
     # Chat models often end a turn on a token other than EOS (generation_config.json); the
     # wrapper knows them. llama.cpp takes one end-of-turn id.
-    extra = sorted(set(getattr(tokenizer, "eos_token_ids", ()) or ()) - {hf.eos_token_id})
+    eos_ids = tokenizer.eos_token_ids if isinstance(tokenizer, TokenizerWrapper) else set()
+    extra = sorted(set(eos_ids) - {hf.eos_token_id})
     if len(extra) == 1:
         special["eot"] = int(extra[0])
     template = getattr(tokenizer, "chat_template", None)
