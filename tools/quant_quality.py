@@ -38,8 +38,8 @@ ROWS = {
     "rtn3": ("RTN affine 3-bit g64", ("rtn", 3)),
     "awq3": ("AWQ affine 3-bit g64", ("awq", 3)),
     "gptq3": ("GPTQ affine 3-bit g64", ("gptq", 3)),
-    "dwq3": ("DWQ affine 3-bit g64", ("dwq", 3)),
-    "dynamic3.5": ("dynamic 3.5 bpw (2-8 bit g64)", ("dynamic", 3.5)),
+    "dwq3": ("DWQ affine 3-bit g64 (from RTN)", ("dwq", 3)),
+    "dynamic3.5": ("dynamic 3.5 bpw (2-8 bit g64, Fisher)", ("dynamic", 3.5)),
     "mxfp4": ("mxfp4 (g32)", ("mxfp4", 4)),
     "nvfp4": ("nvfp4 (g16)", ("nvfp4", 4)),
 }
@@ -56,7 +56,9 @@ def perplexity(model: nn.Module, windows: mx.array) -> tuple[float, int]:
     return math.exp(total / count), count
 
 
-def build(name: str, reference: nn.Module, calib: mx.array, args: argparse.Namespace) -> dict:
+def build(
+    name: str, reference: nn.Module, calib: mx.array, args: argparse.Namespace, dwq: mx.array
+) -> dict:
     model = copy.deepcopy(reference)
     spec = ROWS[name][1]
     info: dict = {}
@@ -75,6 +77,15 @@ def build(name: str, reference: nn.Module, calib: mx.array, args: argparse.Names
         )
         quantize(model, recipe)
         info["widths"] = sorted({r.bits for r in recipe.rules})
+    elif method == "dwq":
+        quantize(
+            model,
+            QuantRecipe(bits=int(bits), group_size=64),
+            method="dwq",
+            tokens=dwq,
+            dwq_steps=args.dwq_steps,
+            dwq_lr=args.dwq_lr,
+        )
     else:
         quantize(
             model,
@@ -97,8 +108,12 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=32, help="calibration windows")
     parser.add_argument("--sequence-length", type=int, default=256)
     parser.add_argument("--sensitivity-samples", type=int, default=16)
-    parser.add_argument("--dwq-steps", type=int, default=100)
-    parser.add_argument("--dwq-lr", type=float, default=1e-5)
+    # DWQ's budget: a backward pass through the whole model per step is what this shared
+    # 2-core machine can least afford, so its default run is short (see the closing note).
+    parser.add_argument("--dwq-steps", type=int, default=16)
+    parser.add_argument("--dwq-lr", type=float, default=3e-5)
+    parser.add_argument("--dwq-samples", type=int, default=8)
+    parser.add_argument("--dwq-length", type=int, default=128)
     parser.add_argument("--eval-length", type=int, default=512)
     args = parser.parse_args()
     out = Path(args.out)
@@ -112,11 +127,14 @@ def main() -> None:
     calib = calibration_windows(
         tokenizer, num_samples=args.num_samples, sequence_length=args.sequence_length
     )
+    dwq_tokens = calibration_windows(
+        tokenizer, num_samples=args.dwq_samples, sequence_length=args.dwq_length
+    )
     for name in args.rows.split(","):
         if name in results:
             continue
         t0, c0 = time.perf_counter(), time.process_time()
-        built = build(name, model, calib, args)
+        built = build(name, model, calib, args, dwq_tokens)
         q_seconds = time.perf_counter() - t0
         ppl, count = perplexity(built.pop("model"), windows)
         results[name] = built | {
@@ -137,7 +155,8 @@ def print_table(results: dict, args: argparse.Namespace, seconds: float) -> None
     print(
         f"\nHeld-out: mlxlm_core/data/eval.txt, {results.get('float16', {}).get('tokens')} "
         f"predictions; calibration: built-in corpus, {args.num_samples} x "
-        f"{args.sequence_length} tokens\n"
+        f"{args.sequence_length} tokens (DWQ: {args.dwq_samples} x {args.dwq_length}, "
+        f"{args.dwq_steps} steps, lr {args.dwq_lr:g})\n"
     )
     print(
         "| method | bits/weight | perplexity | increase over float16 | cut of RTN-3 increase "

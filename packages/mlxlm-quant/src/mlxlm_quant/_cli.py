@@ -234,8 +234,8 @@ def _add_dynamic(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--widths", default="2,3,4,5,6,8", help="candidate bit widths")
     parser.add_argument(
         "--estimator",
-        choices=("gradient", "fisher"),
-        default="gradient",
+        choices=("fisher", "gradient"),
+        default="fisher",
         help="how layer sensitivities are estimated",
     )
     parser.add_argument(

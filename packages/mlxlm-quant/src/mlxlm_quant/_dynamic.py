@@ -1,11 +1,13 @@
 """Dynamic quantization: per-layer bit widths that meet a bits-per-weight budget.
 
 Each layer's loss at width ``b`` is estimated from one backward pass per calibration
-sequence. By default (``gradient``) the model is first quantized at the narrowest width and
-``g``, the gradient of the KL divergence from the float model's predictions, prices each
-move of one layer to width ``b`` to first order: ``g . (Q_b(W) - Q_low(W))`` (MLX-LM's
-dynamic quantization measures the same alignment). ``fisher`` instead takes the second-order
-estimate at the float model, ``1/2 sum(F (Q_b(W) - W)^2)``. The widths are then allocated
+sequence. By default (``fisher``) to second order at the float model,
+``1/2 sum(F (Q_b(W) - W)^2)`` with ``F`` the empirical Fisher (mean squared gradient of the
+next-token cross-entropy). ``gradient`` instead quantizes the model at the narrowest width
+first and prices each move of one layer to width ``b`` to first order with the KL gradient
+there, ``g . (Q_b(W) - Q_low(W))`` (MLX-LM's dynamic quantization measures that
+alignment); on SmolLM2-135M at 3.5 bits per weight it allocated worse (held-out perplexity
+359 against 149 for ``fisher``), so it is not the default. The widths are then allocated
 greedily: every layer starts at the narrowest candidate and the upgrade with the largest
 estimated loss reduction per added bit is taken while the budget allows. The result is a :class:`QuantRecipe` with one exact rule per layer, so it can be
 saved, inspected, edited, and applied by rounding or by a learned quantizer.
@@ -73,16 +75,15 @@ def layer_sensitivities(
     layers: Sequence[str],
     candidates: Sequence[QuantSpec],
     *,
-    estimator: str = "gradient",
+    estimator: str = "fisher",
     progress: Progress | None = None,
 ) -> dict[str, list[float]]:
     """Estimated loss of quantizing each layer at each candidate spec (up to a constant).
 
-    ``gradient`` (default): with every layer at the narrowest candidate, the gradient ``g``
+    ``gradient``: with every layer at the narrowest candidate, the gradient ``g``
     of the KL divergence from the float model's predictions gives, to first order, the loss
     change of moving one layer to spec ``c``: ``g . (Q_c(W) - Q_low(W))``. Measured at the
-    damaged model, it sees how much narrow widths actually hurt. ``fisher``: second order at
-    the float model, ``1/2 sum(F (Q_c(W) - W)^2)`` with the empirical Fisher ``F``.
+    damaged model. ``fisher`` (default): second order at the float model, ``1/2 sum(F (Q_c(W) - W)^2)`` with the empirical Fisher ``F``.
     """
     modules = dict(model.named_modules())
     originals = {p: modules[p].weight for p in layers}
@@ -142,7 +143,7 @@ def dynamic_recipe(
     target_bpw: float,
     base: QuantRecipe | None = None,
     bits: Sequence[int] = (2, 3, 4, 5, 6, 8),
-    estimator: str = "gradient",
+    estimator: str = "fisher",
     progress: Progress | None = None,
 ) -> tuple[QuantRecipe, dict[str, list[float]]]:
     """A recipe choosing each layer's width from ``bits`` to meet ``target_bpw``."""
