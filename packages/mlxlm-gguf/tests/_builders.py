@@ -202,14 +202,47 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "num_local_experts": 4,
         "num_experts_per_tok": 2,
     },
+    "gemma": {**_COMMON, "model_type": "gemma", "hidden_act": "gelu_pytorch_tanh"},
+    "gemma2": {
+        **_COMMON,
+        "model_type": "gemma2",
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+        "sliding_window": 32,  # short, so the window binds within the test text
+    },
+    "gemma3_text": {
+        **_COMMON,
+        "model_type": "gemma3_text",
+        "num_hidden_layers": 3,
+        "head_dim": 32,
+        "query_pre_attn_scalar": 32,
+        "sliding_window": 32,
+        "sliding_window_pattern": 3,  # two sliding layers, then a global one
+        "rope_theta": 1_000_000.0,
+        "rope_local_base_freq": 10_000.0,
+        "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+    },
+    "phi3": {
+        **_COMMON,
+        "model_type": "phi3",
+        "tie_word_embeddings": False,
+        "partial_rotary_factor": 0.5,
+    },
 }
 
 
-SPREAD = 1.0
+# Row norms of the embedding, the output head and MoE routers are log-normal with this
+# spread. Gaussian rows make every logit a near tie (the top two of 400 random normals are
+# ~0.3 sigma apart), so llama.cpp's activation rounding would flip argmaxes that no trained
+# model leaves that close; with a few rows standing out, as in trained models, predictions
+# are decided (mean top probability ~0.99, still ~20 different tokens predicted).
+SPREAD = 2.0
 
 
 def randomize(model: Any, *, seed: int) -> Any:
-    """Random norms and biases too; matrices keep a fan-in scaled spread."""
+    """Random norms and biases too; matrices keep a fan-in scaled spread (see SPREAD)."""
     mx.random.seed(seed)
     params = []
     for name, value in tree_flatten(model.parameters()):

@@ -27,6 +27,21 @@ _COMMON = {
     "ffn_down": "mlp.down_proj",
 }
 _QK_NORM = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+# Gemma 2/3 put a norm before and after both the attention and the MLP.
+_SANDWICH = _COMMON | {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+# Phi-3 keeps q/k/v and gate/up fused, as llama.cpp does.
+_PHI3 = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_qkv": "self_attn.qkv_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_up": "mlp.gate_up_proj",
+    "ffn_down": "mlp.down_proj",
+}
 
 
 def _moe(block: str) -> dict[str, str]:
@@ -59,10 +74,16 @@ class ArchSpec:
     # converter permutes Q/K rows so the same weights work with the other rope layout.
     rope_interleaved: bool
     blocks: Mapping[str, str]
+    # Gemma stores RMSNorm scales as offsets from one; llama.cpp wants the scales themselves.
+    norm_offset: float = 0.0
     _inverse: dict[str, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_inverse", {v: k for k, v in self.blocks.items()})
+
+    def is_norm(self, hf_path: str) -> bool:
+        """Whether an HF parameter is an RMSNorm scale (what `norm_offset` applies to)."""
+        return hf_path.endswith("norm.weight")
 
     @property
     def is_moe(self) -> bool:
@@ -109,6 +130,10 @@ ARCHS: dict[str, ArchSpec] = {
         ArchSpec("qwen2", "qwen2", False, _COMMON),
         ArchSpec("qwen3", "qwen3", False, _COMMON | _QK_NORM),
         ArchSpec("qwen3_moe", "qwen3moe", False, _COMMON | _QK_NORM | _moe("mlp")),
+        ArchSpec("gemma", "gemma", False, _COMMON, norm_offset=1.0),
+        ArchSpec("gemma2", "gemma2", False, _SANDWICH, norm_offset=1.0),
+        ArchSpec("gemma3_text", "gemma3", False, _SANDWICH | _QK_NORM, norm_offset=1.0),
+        ArchSpec("phi3", "phi3", False, _PHI3),
     )
 }
 GGUF_ARCHS = tuple(sorted({s.gguf_arch for s in ARCHS.values()}))

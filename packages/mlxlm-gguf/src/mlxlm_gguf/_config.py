@@ -18,6 +18,10 @@ _HF_CLASSES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 
 
@@ -110,6 +114,9 @@ def _rope_scaling(
         orig = f.arch_key("rope.scaling.original_context_length")
         if orig is not None:
             params["original_max_position_embeddings"] = int(orig)
+        for suffix, key in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            if (value := f.arch_key(f"rope.scaling.{suffix}")) is not None:
+                params[key] = float(value)
         return params
     raise UnsupportedError(f"rope scaling type {kind!r} is not supported")
 
@@ -143,9 +150,13 @@ def build_config(
     spec: ArchSpec,
     tensor_names: set[str],
     vocab_size: int,
-    rope_freqs: np.ndarray | None,
+    rope_tables: dict[str, np.ndarray],
 ) -> dict[str, Any]:
-    """The model part of config.json (quantization and import notes are added later)."""
+    """The model part of config.json (quantization and import notes are added later).
+
+    `rope_tables`: the rope tensors of the file (`rope_freqs`, `rope_factors_long/short`).
+    """
+    rope_freqs = rope_tables.get("rope_freqs.weight")
     hidden = int(_required(f, "embedding_length"))
     heads = _one_value(f, "attention.head_count", _required(f, "attention.head_count"))
     kv_heads = _one_value(
@@ -158,7 +169,7 @@ def build_config(
     if value_dim != head_dim:
         raise UnsupportedError(f"key length {head_dim} != value length {value_dim}")
     rope_dims = int(f.arch_key("rope.dimension_count", head_dim))
-    if rope_dims != head_dim:
+    if rope_dims != head_dim and spec.model_type != "phi3":
         raise UnsupportedError(
             f"partial rotary embeddings ({rope_dims} of {head_dim}) are not supported"
         )
@@ -191,8 +202,12 @@ def build_config(
         config |= _moe_fields(f, spec)
     if config["num_hidden_layers"] <= 0 or hidden <= 0 or vocab_size <= 0:
         raise CheckpointError(f"{f.path}: non-positive model dimensions in the metadata")
-    scaling = _rope_scaling(f, rope_freqs, base=rope_theta, dims=head_dim)
-    if scaling is not None:
+    if spec.model_type.startswith("gemma"):
+        config |= _gemma_fields(f, spec, config)
+    elif spec.model_type == "phi3":
+        config |= _phi3_fields(f, config, rope_dims=rope_dims, rope_tables=rope_tables)
+    scaling = _rope_scaling(f, rope_freqs, base=rope_theta, dims=rope_dims)
+    if scaling is not None and "rope_scaling" not in config:
         config["rope_scaling"] = scaling
     for key, name in (
         ("bos", "bos_token_id"),
@@ -203,3 +218,56 @@ def build_config(
         if value is not None:
             config[name] = int(value)
     return config
+
+
+def _gemma_fields(f: GGUFFile, spec: ArchSpec, config: dict[str, Any]) -> dict[str, Any]:
+    """Gemma settings llama.cpp implies rather than stores (see `_metadata._gemma`)."""
+    out: dict[str, Any] = {"hidden_act": "gelu_pytorch_tanh"}
+    if spec.model_type in ("gemma", "gemma2"):
+        out["tie_word_embeddings"] = True  # llama.cpp reads the head from token_embd
+    if spec.model_type == "gemma":
+        return out
+    layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    big = layers == (46 if spec.model_type == "gemma2" else 62)
+    out["query_pre_attn_scalar"] = config["hidden_size"] // heads if big else config["head_dim"]
+    final = f.arch_key("final_logit_softcapping")
+    out["final_logit_softcapping"] = float(final) if final else None
+    if spec.model_type == "gemma2":
+        out["attn_logit_softcapping"] = float(f.arch_key("attn_logit_softcapping", 50.0))
+    else:
+        out["attn_logit_softcapping"] = None
+        out["rope_local_base_freq"] = float(f.arch_key("rope.freq_base_swa", 10000.0))
+    window = f.arch_key("attention.sliding_window", 4096 if spec.model_type == "gemma2" else None)
+    if not window:
+        out["sliding_window"] = None
+        return out
+    pattern = f.arch_key(
+        "attention.sliding_window_pattern", 2 if spec.model_type == "gemma2" else 6
+    )
+    if isinstance(pattern, list):
+        sliding = [bool(p) for p in pattern][:layers]
+    else:
+        n = int(pattern)
+        sliding = [n == 0 or i % n < n - 1 for i in range(layers)]
+    out["sliding_window"] = int(window)
+    out["layer_types"] = ["sliding_attention" if s else "full_attention" for s in sliding]
+    return out
+
+
+def _phi3_fields(
+    f: GGUFFile, config: dict[str, Any], *, rope_dims: int, rope_tables: dict[str, np.ndarray]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"partial_rotary_factor": rope_dims / config["head_dim"]}
+    long, short = (rope_tables.get(f"rope_factors_{k}.weight") for k in ("long", "short"))
+    if long is not None and short is not None:
+        orig = int(f.arch_key("rope.scaling.original_context_length", 4096))
+        out["original_max_position_embeddings"] = orig
+        out["rope_scaling"] = {
+            "rope_type": "longrope",
+            "long_factor": [float(x) for x in long],
+            "short_factor": [float(x) for x in short],
+            "original_max_position_embeddings": orig,
+        }
+        if (attn := f.arch_key("rope.scaling.attn_factor")) is not None:
+            out["rope_scaling"]["attention_factor"] = float(attn)
+    return out

@@ -118,6 +118,8 @@ def _encode_all(
         name = spec.gguf_name(hf_path)
         part = name.split(".")[2] if name.startswith("blk.") else ""
         heads = qk_heads(part, n_heads=n_heads, n_kv_heads=n_kv_heads)
+        if spec.norm_offset and spec.is_norm(hf_path) and not isinstance(src, Quantized):
+            src = src + spec.norm_offset
         if layout is not None and heads is not None:
             src = (
                 src.take_rows(lambda a, h=heads: layout(a, h))
@@ -207,8 +209,10 @@ def export(
     if fallback:
         report.notes.append(f"{len(fallback)} tensors written as F16: rows not a multiple of 32")
 
+    general_name = _file_name(name or _default_name(tokenizer, spec), vocab.tokens, report)
+
     def fill(w: gguf.GGUFWriter) -> None:
-        w.add_name(name or _default_name(tokenizer, spec))
+        w.add_name(general_name)
         w.add_file_type(int(file_type))
         if any(e.qtype not in (QType.F32, QType.F16, QType.BF16) for e in encoded.values()):
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -240,6 +244,26 @@ def _add_key(w: gguf.GGUFWriter, key: str, value: Any) -> None:
 def _default_name(tokenizer: Any, spec: ArchSpec) -> str:
     source = getattr(getattr(tokenizer, "tokenizer", tokenizer), "name_or_path", "") or ""
     return Path(str(source)).name or spec.model_type
+
+
+_PHI3_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def _file_name(name: str, tokens: list[str], report: ExportReport) -> str:
+    """`general.name`, minus a trigger that would crash llama.cpp on this vocabulary.
+
+    llama.cpp adjusts four Phi-3 tokens by text whenever the name contains "phi3" or
+    "phi-3", and aborts loading if one is missing from the vocabulary.
+    """
+    lowered = name.lower()
+    if ("phi3" in lowered or "phi-3" in lowered) and not set(_PHI3_TOKENS) <= set(tokens):
+        safe = lowered.replace("phi-3", "phi").replace("phi3", "phi")
+        report.notes.append(
+            f"general.name {name!r} written as {safe!r}: llama.cpp expects Phi-3's own "
+            f"tokens ({', '.join(_PHI3_TOKENS)}) in a model named so, and this vocabulary lacks them"
+        )
+        return safe
+    return name
 
 
 def _write_atomically(path: Path, arch: str, fill: Any) -> None:

@@ -68,6 +68,8 @@ def _convert_weights(
         )
         if spec.rope_interleaved and n_heads is not None:
             arrays = {k: unpermute_rows(v, n_heads) for k, v in arrays.items()}
+        if spec.norm_offset and spec.is_norm(f"{module}.{param}") and c.bits is None:
+            arrays[param] = arrays[param].astype(np.float32) - spec.norm_offset
         for k, v in arrays.items():
             # Packed uint32 weights stay as they are; every float goes to `dtype`.
             weights[f"{module}.{k}"] = _to_mx(v, None if v.dtype == np.uint32 else dtype)
@@ -182,14 +184,17 @@ def parse_gguf(f: GGUFFile) -> Parsed:
         # Build the tokenizer first: an unsupported tokenizer should fail before slow work.
         tokenizer, special = build_tokenizer(f)
         tensors = {t.name: t for t in f.tensors}
-        rope = tensors.get("rope_freqs.weight")
-        rope_freqs = np.asarray(convert_tensor(rope).weight) if rope is not None else None
+        rope_tables = {
+            name: np.asarray(convert_tensor(tensors[name]).weight, dtype=np.float32).reshape(-1)
+            for name in NON_PARAMETERS
+            if name in tensors
+        }
         embed = tensors.get("token_embd.weight")
         vocab_size = (
             int(embed.shape[-1]) if embed is not None else len(f.get("tokenizer.ggml.tokens"))
         )
         config = build_config(
-            f, spec=spec, tensor_names=set(tensors), vocab_size=vocab_size, rope_freqs=rope_freqs
+            f, spec=spec, tensor_names=set(tensors), vocab_size=vocab_size, rope_tables=rope_tables
         )
         if len(special.eos_ids) > 1:
             config["eos_token_id"] = special.eos_ids
