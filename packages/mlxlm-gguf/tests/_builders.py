@@ -244,10 +244,12 @@ SPREAD = 2.0
 def randomize(model: Any, *, seed: int) -> Any:
     """Random norms and biases too; matrices keep a fan-in scaled spread (see SPREAD)."""
     mx.random.seed(seed)
+    # Gemma stores each norm's scale as an offset from one.
+    one = 0.0 if type(model).model_type.startswith("gemma") else 1.0
     params = []
     for name, value in tree_flatten(model.parameters()):
         if name.endswith("norm.weight"):
-            value = 1.0 + 0.2 * mx.random.normal(value.shape)
+            value = one + 0.2 * mx.random.normal(value.shape)
         elif name.endswith(".bias"):
             value = 0.2 * mx.random.normal(value.shape)
         elif value.ndim > 1:
