@@ -28,6 +28,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+# isort: off
+# The same BLAS under MLX for both engines: importing mlxlm_core loads it, and only if it
+# comes before mlx.core (MLX-LM alone would run on MLX's bundled reference BLAS, ~10x
+# slower, which would measure the BLAS rather than the trainers).
+import mlxlm_core  # noqa: F401
+# isort: on
+
 WORDS = (  # noqa: SIM905  (a word list is easier to read as text)
     "the of and to in is was for on that with as by at from his her they this which you were "
     "are be had have one all their there when an would who will more no if out so said what "
@@ -47,7 +54,7 @@ def write_data(folder: Path, *, examples: int, seed: int = 0) -> Path:
     for split, n in (("train", examples), ("valid", 8)):
         rows = []
         for _ in range(n):
-            words = rng.choice(WORDS, int(rng.integers(16, 96)))
+            words = rng.choice(WORDS, int(rng.integers(16, 64)))
             rows.append({"text": " ".join(words).capitalize() + "."})
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
@@ -129,10 +136,6 @@ def run_mlx_lm(args: argparse.Namespace) -> dict[str, Any]:
 
     import mlx.core as mx
     import mlx.optimizers as optim
-
-    # The same BLAS under MLX as mlxlm uses (importing mlxlm_core loads it; MLX-LM alone
-    # would run on MLX's bundled reference BLAS, ~10x slower, which measures the BLAS).
-    import mlxlm_core  # noqa: F401
     from mlx_lm import load
     from mlx_lm.tuner.callbacks import TrainingCallback
     from mlx_lm.tuner.datasets import CacheDataset, load_dataset

@@ -26,8 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# isort: off
+import mlxlm_core  # first: puts the optimised BLAS under MLX (it must precede mlx.core)
 import mlx.core as mx
-import mlxlm_core  # first: puts the optimised BLAS under MLX before any matmul
+
+# isort: on
 import numpy as np
 from mlxlm_core import load
 from mlxlm_core.quantize import dequantize_model
