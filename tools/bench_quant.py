@@ -95,6 +95,9 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--sequence-length", type=int, default=256)
     parser.add_argument("--methods", default="gptq,awq")
+    parser.add_argument(
+        "--skip-mlx-lm", action="store_true", help="only ours (MLX-LM's AWQ takes ~40 min here)"
+    )
     args = parser.parse_args()
     model, tokenizer, config = load(return_config=True)
     dequantize_model(model)
@@ -118,6 +121,13 @@ def main() -> None:
             t0, c0 = time.perf_counter(), time.process_time()
             mine = ours(method, path, tokens)
             t_ours, c_ours = time.perf_counter() - t0, time.process_time() - c0
+            if args.skip_mlx_lm:
+                print(
+                    f"| {method} 4-bit g64 | {t_ours:.0f} / {c_ours:.0f} | - | - | "
+                    f"{perplexity(mine, windows):.3f} | - |",
+                    flush=True,
+                )
+                continue
             t0, c0 = time.perf_counter(), time.process_time()
             other = theirs(method, path, tokens)
             t_theirs, c_theirs = time.perf_counter() - t0, time.process_time() - c0

@@ -211,6 +211,35 @@ def _search_clip(h: mx.array, w: mx.array, spec: QuantSpec, config: AWQConfig) -
     return mx.clip(wg, -best_top, best_top).reshape(w.shape)
 
 
+class _BlockJudge:
+    """Keeps whichever candidate weights give the block output closest to the float one.
+
+    The searches minimise each layer's own output error; attention and gating are not
+    linear in those outputs, so (as MLX-LM's AWQ does) the block's real output error on
+    calibration data decides between plain rounding, scaling, and scaling with clipping.
+    """
+
+    def __init__(self, block, probe, target, extra, modules, specs) -> None:
+        self.block, self.probe, self.target, self.extra = block, probe, target, extra
+        self.modules, self.specs = modules, specs
+        self.best: tuple[float, Any] | None = None
+
+    def consider(self) -> None:
+        params = self.block.parameters()
+        for path, spec in self.specs.items():
+            module = self.modules[path]
+            module.weight = _qdq(module.weight, spec)
+        out = run_block(self.block, [self.probe], self.extra)[0]
+        err = float(((out - self.target) ** 2).mean())
+        self.block.update(params)
+        if self.best is None or err < self.best[0]:
+            self.best = (err, params)
+
+    def keep_best(self) -> None:
+        assert self.best is not None
+        self.block.update(self.best[1])
+
+
 # -- driver -------------------------------------------------------------------------------
 
 
@@ -240,6 +269,10 @@ def awq_quantize(
         stats = InputStats()
         with hooked(block, targets, stats):
             outputs = run_block(block, hidden, extras[i])
+        specs_of = {p: plan[prefix + p] for p in targets}
+        judge = _BlockJudge(block, hidden[0], outputs[0], extras[i], modules, specs_of)
+        judge.consider()  # plain rounding
+        clips = []
         for group, producer, variant in _discover(block, hidden[0][:1], extras[i], targets):
             layers = [modules[p] for p in group]
             specs = [plan[prefix + p] for p in group]
@@ -248,8 +281,12 @@ def awq_quantize(
                 s = _search_scale(h, x_mean, layers, specs, config.n_grid)  # type: ignore[arg-type]
                 _fold(modules[producer], variant or "", layers, s)
                 h = h / (s[:, None] * s[None, :])  # the group's inputs are now x / s
-            for layer, spec in zip(layers, specs):
-                layer.weight = _search_clip(h, layer.weight, spec, config)  # type: ignore[arg-type]
+            clips.extend((layer, spec, h) for layer, spec in zip(layers, specs))
+        judge.consider()  # scaled
+        for layer, spec, h in clips:
+            layer.weight = _search_clip(h, layer.weight, spec, config)  # type: ignore[arg-type]
+        judge.consider()  # scaled and clipped
+        judge.keep_best()
         mx.eval(block.parameters())
         hidden = outputs  # the float block's outputs feed the next block, as in AWQ
         if progress:
