@@ -272,7 +272,7 @@ def awq_quantize(
         specs_of = {p: plan[prefix + p] for p in targets}
         judge = _BlockJudge(block, hidden[0], outputs[0], extras[i], modules, specs_of)
         judge.consider()  # plain rounding
-        clips = []
+        clips: list[tuple[nn.Module, QuantSpec, mx.array]] = []
         for group, producer, variant in _discover(block, hidden[0][:1], extras[i], targets):
             layers = [modules[p] for p in group]
             specs = [plan[prefix + p] for p in group]
