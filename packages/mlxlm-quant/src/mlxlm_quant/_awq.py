@@ -272,7 +272,7 @@ def awq_quantize(
         specs_of = {p: plan[prefix + p] for p in targets}
         judge = _BlockJudge(block, hidden[0], outputs[0], extras[i], modules, specs_of)
         judge.consider()  # plain rounding
-        clips: list[tuple[nn.Module, QuantSpec, mx.array]] = []
+        clips: list[tuple[nn.Module, Any, mx.array]] = []
         for group, producer, variant in _discover(block, hidden[0][:1], extras[i], targets):
             layers = [modules[p] for p in group]
             specs = [plan[prefix + p] for p in group]
@@ -296,10 +296,10 @@ def awq_quantize(
     modules = dict(model.named_modules())
     for path in stats.owner:
         key = path.removesuffix("#as_linear")
-        spec = plan.get(key)
-        if spec is not None:  # the head (or tied embedding): clipped, not scaled
+        head_spec = plan.get(key)
+        if head_spec is not None:  # the head (or tied embedding): clipped, not scaled
             h, _ = stats.for_layer(path)
-            modules[key].weight = _search_clip(h, modules[key].weight, spec, config)
+            modules[key].weight = _search_clip(h, modules[key].weight, head_spec, config)
     if progress:
         progress("awq", len(blocks) + 1, len(blocks) + 1)
     return recipe.apply(model, plan=plan)
