@@ -270,3 +270,29 @@ def test_other_architectures_are_refused_by_name(make_gguf, tmp_path):
 def test_bad_dtype(make_gguf, tmp_path):
     with pytest.raises(InvalidArgumentError, match="dtype"):
         import_gguf(make_gguf().path, tmp_path / "out", dtype="int8")
+
+
+def test_parser_reads_what_the_gguf_package_reads(make_gguf):
+    """Our parser against the `gguf` package's reader: every field and every tensor."""
+    from mlxlm_gguf._reader import open_gguf
+
+    built = make_gguf(spm=None)
+    ours = open_gguf(built.path)
+    theirs = gguf.GGUFReader(built.path)
+    fields = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert ours.metadata.keys() == fields.keys()
+    for key, value in fields.items():
+        if isinstance(value, float) or (
+            isinstance(value, list) and value and isinstance(value[0], float)
+        ):
+            np.testing.assert_allclose(ours.metadata[key], value, rtol=1e-7, err_msg=key)
+        else:
+            assert ours.metadata[key] == value, key
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for mine, t in zip(ours.tensors, theirs.tensors):
+        assert mine.tensor_type == t.tensor_type and mine.n_bytes == t.n_bytes, t.name
+        assert mine.shape == tuple(int(d) for d in reversed(t.shape.tolist())), t.name
+        assert np.array_equal(
+            np.asarray(mine.data).view(np.uint8).reshape(-1),
+            np.asarray(t.data).view(np.uint8).reshape(-1),
+        ), t.name

@@ -120,7 +120,7 @@ def check_tensor_shapes(f: GGUFFile, spec: ArchSpec, config: dict[str, Any]) -> 
             continue
         module, param = spec.hf_name(t.name)
         name = f"{module}.{param}"
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        shape = t.shape
         if name not in expected:
             raise CheckpointError(f"{f.path}: tensor {t.name} does not belong to this model")
         if shape != expected[name]:
@@ -191,7 +191,7 @@ def parse_gguf(f: GGUFFile) -> Parsed:
         }
         embed = tensors.get("token_embd.weight")
         vocab_size = (
-            int(embed.shape[-1]) if embed is not None else len(f.get("tokenizer.ggml.tokens"))
+            int(embed.shape[0]) if embed is not None else len(f.get("tokenizer.ggml.tokens"))
         )
         config = build_config(
             f, spec=spec, tensor_names=set(tensors), vocab_size=vocab_size, rope_tables=rope_tables

@@ -18,6 +18,7 @@ from gguf import GGMLQuantizationType as QType
 from mlxlm_core import CheckpointError, UnsupportedError
 
 from ._affine import BLOCK_KINDS, blocks_to_affine
+from ._reader import TensorRecord
 
 GROUP_SIZE = 32
 # GGUF types kept as MLX affine triples, with their bit width.
@@ -42,10 +43,10 @@ def _quantized_triple(raw: np.ndarray, qtype: QType, shape: tuple[int, ...]) -> 
     return Converted(weight=packed, scales=scales, biases=biases, bits=KEPT_BITS[qtype])
 
 
-def convert_tensor(t: gguf.ReaderTensor) -> Converted:
+def convert_tensor(t: TensorRecord) -> Converted:
     """Convert one GGUF tensor record; the logical shape is GGUF's dims reversed."""
     qtype = QType(t.tensor_type)
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    shape = t.shape
     try:
         if qtype in KEPT_BITS:
             if shape[-1] % GROUP_SIZE:
