@@ -75,6 +75,7 @@ def blocks_to_affine(
         return blocks[..., start : start + 2].copy().view(np.float16)[..., 0].astype(np.float32)
 
     d = half(0)
+    values: np.ndarray
     if qtype == QType.Q8_0:
         values = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
     else:

@@ -132,7 +132,11 @@ def _encode_all(
 
 def _report_notes(report: ExportReport, sources: dict[str, Source], enc: dict[str, Any]) -> None:
     def kinds(names: list[str]) -> str:
-        pairs = Counter((describe(sources[n]), enc[n].qtype.name) for n in names if n in sources)
+        pairs = Counter(
+            (describe(src), enc[n].qtype.name)
+            for n in names
+            if isinstance(src := sources.get(n), Quantized)
+        )
         return "; ".join(f"{n} x {src} -> {dst}" for (src, dst), n in sorted(pairs.items()))
 
     if report.kept:

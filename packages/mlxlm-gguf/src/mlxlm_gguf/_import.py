@@ -89,7 +89,8 @@ def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     model_cls, args_cls = get_model_classes(config["model_type"])
     try:
         model = model_cls(args_cls.from_dict(config))
-        return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+        flat: list[tuple[str, mx.array]] = tree_flatten(model.parameters())  # type: ignore[assignment]
+        return {k: tuple(v.shape) for k, v in flat}
     except Exception as e:  # whatever the architecture code says about impossible sizes
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(

@@ -185,7 +185,7 @@ def _gemma(args: Any, spec: ArchSpec, hp: HParams, *, head_dim: int, context: in
     if spec.model_type == "gemma3_text":
         hp.keys["rope.freq_base_swa"] = float(args.rope_local_base_freq)
         exact = float(np.sqrt(np.float32(args.hidden_size)))
-        rounded = float(mx.array(exact, dtype=mx.bfloat16).item())
+        rounded = float(np.array(mx.array(exact, dtype=mx.bfloat16).astype(mx.float32)))
         if rounded != exact:
             hp.notes.append(
                 f"llama.cpp scales gemma3 embeddings by sqrt(hidden) = {exact:.6g}; this "

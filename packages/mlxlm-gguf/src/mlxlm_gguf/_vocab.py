@@ -127,9 +127,9 @@ def vocab_from_tokenizer(
         tokens[i], types[i] = token, NORMAL
     added = {t["id"]: bool(t.get("special")) for t in spec.get("added_tokens") or []}
     unk_id = hf.unk_token_id
-    for i, special in added.items():
+    for i, is_special in added.items():
         if 0 <= i < vocab_size:
-            types[i] = CONTROL if special else USER_DEFINED
+            types[i] = CONTROL if is_special else USER_DEFINED
     if unk_id is not None and kind == "sentencepiece":
         # (byte-level BPE never produces its "unknown" token: it stays a control token, as
         # llama.cpp's converter writes it)
