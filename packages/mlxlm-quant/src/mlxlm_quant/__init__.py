@@ -22,6 +22,7 @@ import mlxlm_core  # noqa: F401  isort: skip
 
 from ._awq import AWQConfig, awq_quantize
 from ._calibration import BUILTIN_CALIBRATION_NAME, builtin_calibration_text, calibration_windows
+from ._dwq import DWQConfig, dwq_quantize
 from ._dynamic import bits_per_weight, dynamic_recipe, layer_sensitivities
 from ._gptq import GPTQConfig, gptq_quantize
 from ._output import save_quantized
@@ -34,6 +35,7 @@ __all__ = [
     "BUILTIN_CALIBRATION_NAME",
     "PRESETS",
     "AWQConfig",
+    "DWQConfig",
     "GPTQConfig",
     "LayerRule",
     "QuantRecipe",
@@ -42,6 +44,7 @@ __all__ = [
     "bits_per_weight",
     "builtin_calibration_text",
     "calibration_windows",
+    "dwq_quantize",
     "dynamic_recipe",
     "gptq_quantize",
     "layer_sensitivities",
