@@ -18,7 +18,7 @@ from ._import import import_gguf
 from ._reader import is_gguf_file
 
 # Bump when the produced directory changes shape, so old cache entries are not reused.
-IMPORT_FORMAT = 1
+IMPORT_FORMAT = 2  # 2: Q5_0/Q5_1 kept as 5-bit; more architectures
 
 
 def imported_cache_dir() -> Path:
