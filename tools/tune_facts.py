@@ -13,7 +13,7 @@ and for each, the fused model written by ``mlxlm_tune.fuse`` and loaded back mus
 the same. ``tests-integration/tests/test_tune_learning.py`` runs a small version of this
 (its facts and recall come from here).
 
-    uv run python tools/tune_facts.py [--facts 120] [--methods lora,dora,qlora] [--json]
+    uv run python tools/tune_facts.py [--facts 100] [--methods lora,dora,qlora] [--json]
 """
 
 from __future__ import annotations
@@ -185,11 +185,11 @@ def run_method(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model (default: the default model)")
-    parser.add_argument("--facts", type=int, default=120)
+    parser.add_argument("--facts", type=int, default=100)
     parser.add_argument("--methods", default="lora,dora,qlora")
-    parser.add_argument("--epochs", type=float, default=10.0)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--epochs", type=float, default=16.0)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--learning-rate", type=float, default=4e-4)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--num-layers", type=int, default=8)
     parser.add_argument("--json", action="store_true")
