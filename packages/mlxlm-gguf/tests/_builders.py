@@ -180,7 +180,17 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": False,
         "rope_theta": 1_000_000.0,
     },
-    "qwen2": {**_COMMON, "model_type": "qwen2", "tie_word_embeddings": True},
+    "qwen2": {
+        **_COMMON,
+        "model_type": "qwen2",
+        "tie_word_embeddings": True,
+        # Qwen2.5's long-context setting, with an original length the test text exceeds.
+        "rope_scaling": {
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 256,
+        },
+    },
     "qwen3": {**_COMMON, "model_type": "qwen3", "head_dim": 32, "tie_word_embeddings": True},
     "qwen3_moe": {
         **_COMMON,

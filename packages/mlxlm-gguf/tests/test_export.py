@@ -248,9 +248,25 @@ def test_metadata_llama(model_dir, tmp_path):
             },
         ),
         ("phi3", {"phi3.rope.dimension_count": 8, "phi3.attention.key_length": 16}),
+        (
+            "qwen2_yarn",
+            {
+                "qwen2.rope.scaling.type": "yarn",
+                "qwen2.rope.scaling.factor": 4.0,
+                "qwen2.rope.scaling.original_context_length": 256,
+            },
+        ),
     ],
 )
 def test_metadata_per_architecture(arch, keys, model_dir, tmp_path):
+    if arch == "qwen2_yarn":  # qwen2 with Qwen2.5's long-context setting
+        yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}
+        model, tok = load(model_dir("qwen2"), model_config={"rope_scaling": yarn})
+        path = export(model, tok, tmp_path / "m.gguf").path
+        back, _ = load(import_gguf(path, tmp_path / "back"))
+        assert back.args.rope_scaling == yarn
+        assert {k: _fields(path)[k] for k in keys} == keys
+        return
     model, tok = load(model_dir(arch))
     fields = _fields(export(model, tok, tmp_path / "m.gguf").path)
     assert {k: fields[k] for k in keys} == keys

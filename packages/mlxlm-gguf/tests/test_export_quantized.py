@@ -130,6 +130,7 @@ def test_unfused_adapters_are_refused_and_fused_ones_export(model_dir, tmp_path)
         ("qwen3_moe", {"mlp_only_layers": [1]}, "every layer"),
         ("qwen3_moe", {"norm_topk_prob": False}, "norm_topk_prob"),
         ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "dynamic"),
+        ("qwen2", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "beta_fast": 8}}, "beta"),
         ("gemma2", {"query_pre_attn_scalar": 64}, "query_pre_attn_scalar"),
         ("gemma2", {"attn_logit_softcapping": None}, "soft-caps"),
         ("gemma", {"tie_word_embeddings": False}, "ties"),

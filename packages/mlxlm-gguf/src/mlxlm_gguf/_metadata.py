@@ -59,9 +59,12 @@ def _rope_scaling(args: Any, spec: ArchSpec, head_dim: int, hp: HParams) -> None
         hp.keys |= {"rope.scaling.type": "yarn", "rope.scaling.factor": factor}
         if (orig := scaling.get("original_max_position_embeddings")) is not None:
             hp.keys["rope.scaling.original_context_length"] = int(orig)
-        for hf_key, suffix in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow")):
-            if scaling.get(hf_key) is not None:
-                hp.keys[f"rope.scaling.{suffix}"] = float(scaling[hf_key])
+        # llama.cpp reads no yarn betas for these architectures: it always uses 32 and 1.
+        for key, default in (("beta_fast", 32.0), ("beta_slow", 1.0)):
+            if scaling.get(key) is not None and float(scaling[key]) != default:
+                raise UnsupportedError(
+                    f"yarn {key}={scaling[key]}: llama.cpp's {spec.gguf_arch} always uses {default:g}"
+                )
         if scaling.get("mscale") not in (None, 1) or scaling.get("mscale_all_dim") not in (None, 0):
             raise UnsupportedError("yarn rope scaling with mscale settings has no GGUF form")
     else:
