@@ -3,6 +3,10 @@
 Load the model and data, put adapters in (or unfreeze blocks), train with checkpoints,
 write the adapter in MLX-LM's format, and report validation and test loss. Each piece is
 public on its own for callers that assemble their own loop.
+
+Started by ``mlx.launch`` (more than one process), the run is data-parallel: every rank
+trains on its slice of each batch (``batch_size`` is the global batch), and only rank 0
+prints, reports and writes files (:mod:`._distributed`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from ._batching import Batcher
 from ._callbacks import PrintReporter, ProgressBar, TrainingCallback, make_reporters
 from ._config import TrainingConfig
 from ._dataset import Dataset, DatasetSplits, load_dataset
+from ._distributed import broadcast_trainable, check_batch_size, part, training_group
 from ._losses import LossFn, make_dpo_loss, make_orpo_loss, sequence_logprobs, sft_loss
 from ._meta import check_base_model, tune_metadata
 from ._optim import build_optimizer, build_schedule, schedule_from_config
@@ -42,6 +47,8 @@ class TrainResult:
     test_loss: float | None
     trainable_parameters: int
     total_parameters: int
+    rank: int = 0  # this process's rank in a data-parallel run (0 when alone)
+    world_size: int = 1
 
 
 def make_batcher(
@@ -139,8 +146,11 @@ def train(
     """Run ``config``: train (and/or test) and write the adapter to ``config.adapter_path``.
 
     ``model`` / ``tokenizer`` / ``datasets`` may be given to skip loading them; ``callbacks``
-    replace the default progress bar and printed reports.
+    replace the default progress bar and printed reports (they run on rank 0 only).
     """
+    group = training_group()
+    check_batch_size(config.batch_size, group)
+    primary = group is None or group.rank() == 0
     mx.random.seed(config.seed)
     if model is None or tokenizer is None:
         from mlxlm_core import load
@@ -177,6 +187,8 @@ def train(
         _load_weights_only(model, config.resume_adapter_file)
     if config.grad_checkpoint:
         enable_grad_checkpoint(model)
+    if config.train:
+        broadcast_trainable(model, group)
     trainable, total = count_parameters(model)
     optimizer = build_optimizer(
         config.optimizer, _learning_rate(config), config.optimizer_options()
@@ -194,12 +206,16 @@ def train(
         compile=config.compile,
         seed=config.seed,
     )
-    chosen_callbacks = (
-        list(callbacks) if callbacks is not None else _default_callbacks(config, run_dir)
-    )
+    chosen_callbacks: list[TrainingCallback] = []
+    if primary:  # reporters (wandb, files) must not start on the other ranks
+        chosen_callbacks = (
+            list(callbacks) if callbacks is not None else _default_callbacks(config, run_dir)
+        )
     extra = {**config.to_dict(), **tune_metadata(model)}
 
     def save_weights(folder: Path, step: int, name: str | None = None) -> Path:
+        if not primary:  # written once, by rank 0
+            return folder / (name or f"{step:07d}_adapters.safetensors")
         return save_adapters(
             folder,
             model,
@@ -213,7 +229,14 @@ def train(
     steps = 0
     if config.train:
         assert datasets.train is not None
-        trainer = Trainer(model, optimizer, loss=loss, options=options, callbacks=chosen_callbacks)
+        trainer = Trainer(
+            model,
+            optimizer,
+            loss=loss,
+            options=options,
+            callbacks=chosen_callbacks,
+            group=group,
+        )
         if config.resume:
             check_base_model(model, config.resume)
             trainer.resume(config.resume)
@@ -223,7 +246,8 @@ def train(
             if datasets.valid
             else None
         )
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if primary:
+            run_dir.mkdir(parents=True, exist_ok=True)
         save_weights(run_dir, 0, "adapters.safetensors")  # config now, so checkpoints load
         last = trainer.fit(
             train_batches, valid=valid_batches, checkpoint_dir=run_dir, save_weights=save_weights
@@ -239,12 +263,14 @@ def train(
                 b
                 for b, _ in make_batcher(
                     datasets.test, config, shuffle=False, pad_id=pad_id
-                ).batches(loop=False)
+                ).batches(loop=False, part=part(group))
             ),
             loss=loss,
             num_batches=config.test_batches,
+            group=group,
         )
-        print(f"Test loss {test_loss:.3f}, Test ppl {math.exp(min(test_loss, 50)):.3f}.")
+        if primary:
+            print(f"Test loss {test_loss:.3f}, Test ppl {math.exp(min(test_loss, 50)):.3f}.")
     return TrainResult(
         adapter_path=run_dir,
         steps=steps,
@@ -253,6 +279,8 @@ def train(
         test_loss=test_loss,
         trainable_parameters=trainable,
         total_parameters=total,
+        rank=0 if group is None else group.rank(),
+        world_size=1 if group is None else group.size(),
     )
 
 

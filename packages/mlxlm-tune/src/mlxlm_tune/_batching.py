@@ -63,6 +63,11 @@ class Batch:
     def shape(self) -> tuple[int, int]:
         return (int(self.tokens.shape[0]), int(self.tokens.shape[1]))
 
+    @property
+    def empty(self) -> bool:
+        """No rows: a data-parallel rank whose slice of a short batch came up empty."""
+        return int(self.tokens.shape[0]) == 0
+
 
 def _pad(length: int, pad_to: int, cap: int | None) -> int:
     padded = -(-length // pad_to) * pad_to
@@ -187,6 +192,9 @@ class Batcher:
 
     def make_batch(self, rows: Sequence[Sequence[int]]) -> Batch:
         data = self.dataset
+        if not rows:
+            nothing = mx.zeros((0, 0), mx.int32)
+            return Batch(tokens=nothing, mask=nothing.astype(mx.bool_), preference=self.preference)
         if self.preference:
             pairs: list[PreferenceSample] = [data[row[0]] for row in rows]
             batch = collate(
@@ -210,15 +218,25 @@ class Batcher:
         )
 
     def batches(
-        self, start: DataPosition | None = None, *, loop: bool = True
+        self,
+        start: DataPosition | None = None,
+        *,
+        loop: bool = True,
+        part: tuple[int, int] | None = None,
     ) -> Iterator[tuple[Batch, DataPosition]]:
-        """``(batch, position after it)`` from ``start``; one epoch unless ``loop``."""
+        """``(batch, position after it)`` from ``start``; one epoch unless ``loop``.
+
+        ``part=(rank, size)`` (data-parallel training) yields only rows ``rank, rank+size,
+        ...`` of each planned batch; positions stay global, so every rank resumes alike.
+        A slice can be empty (a short last batch): its batch has no rows (``empty``).
+        """
         start = start or DataPosition()
         epoch, index = start.epoch, start.index
+        rank, size = part or (0, 1)
         while True:
             plan = self.plan(epoch)
             while index < len(plan):
-                batch = self.make_batch(plan[index])
+                batch = self.make_batch(plan[index][rank::size])
                 index += 1
                 yield batch, DataPosition(epoch, index)
             if not loop:

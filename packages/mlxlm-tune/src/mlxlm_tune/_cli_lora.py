@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         sys.stderr.write(f"mlxlm lora: error: {exc}\n")
         return 1
-    if config.train:
+    if config.train and result.rank == 0:
         print(
             f"Trained {result.steps} steps ({result.trainable_parameters:,} of "
             f"{result.total_parameters:,} parameters); adapter in {result.adapter_path}"

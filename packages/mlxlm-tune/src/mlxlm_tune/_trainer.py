@@ -8,6 +8,11 @@ fine-tuning, DPO/ORPO and other packages' learned quantizers (DWQ) alike.
 An optimizer *step* consumes ``grad_accumulation_steps`` batches; their gradients are
 averaged weighted by each batch's token (or pair) count, so accumulating k batches of b
 rows trains like one batch of k*b rows.
+
+Data-parallel (``group``: the processes of ``mlx.launch``, see :mod:`._distributed`): each
+rank reads its slice of every batch, the token-weighted gradient sums and counts are summed
+over the ranks before the division, so n ranks with b rows each step like one process with
+n*b rows; reports, callbacks and checkpoints happen on rank 0 only.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from mlxlm_core import InvalidArgumentError
 
 from ._batching import Batch, Batcher, DataPosition
 from ._callbacks import CallbackList, TrainingCallback
+from ._distributed import Group, is_primary, part, peer_failures, sum_arrays, sum_tree
 from ._losses import LossFn, sft_loss
 from ._state import TrainingState, read_state, restore_state, write_state
 
@@ -95,20 +101,30 @@ def evaluate(
     loss: LossFn = sft_loss,
     num_batches: int = -1,
     clear_cache_threshold: int = 0,
+    group: Group | None = None,
 ) -> float:
-    """Count-weighted mean loss over ``num_batches`` batches (``-1``: all), in eval mode."""
+    """Count-weighted mean loss over ``num_batches`` batches (``-1``: all), in eval mode.
+
+    With ``group``, ``batches`` are this rank's slices and the sums are taken over all ranks.
+    """
     was_training = model.training
     model.eval()
     total, count = mx.array(0.0), mx.array(0.0)
     for i, batch in enumerate(batches):
         if 0 <= num_batches <= i:
             break
+        if batch.empty:
+            continue
         value, n = loss(model, batch)
         total, count = total + value * n, count + n
         mx.eval(total, count)
         if clear_cache_threshold and mx.get_cache_memory() > clear_cache_threshold:
             mx.clear_cache()
     model.train(was_training)
+    if group is not None:
+        with peer_failures():
+            total, count = sum_arrays([total, count.astype(total.dtype)], group)
+            mx.eval(total, count)
     if count.item() == 0:
         raise InvalidArgumentError("evaluation saw no target tokens")
     return scalar(total / count)
@@ -126,11 +142,15 @@ class Trainer:
         options: TrainerOptions | None = None,
         callbacks: Sequence[TrainingCallback] = (),
         eval_loss: LossFn | None = None,
+        group: Group | None = None,
     ) -> None:
         self.model, self.optimizer, self.loss = model, optimizer, loss
         self.eval_loss = eval_loss or loss
         self.options = options or TrainerOptions()
-        self.callbacks = CallbackList(callbacks)
+        self.group = group
+        self.primary = is_primary(group)
+        # Reports and checkpoints are rank 0's; the other ranks only compute.
+        self.callbacks = CallbackList(callbacks if self.primary else ())
         self.step = 0
         self.position = DataPosition()
         self._grad_fns: dict[tuple[Any, ...], Callable[..., Any]] = {}
@@ -166,16 +186,28 @@ class Trainer:
 
     def train_step(self, batches: Sequence[Batch]) -> tuple[float, float]:
         """One optimizer update from ``batches`` (accumulated); returns (mean loss, count)."""
+        group = self.group
         if self.options.seed is not None:
-            mx.random.seed(self.options.seed * 1_000_003 + self.step)
+            # Each rank draws its own dropout masks; rank 0 draws what one process would.
+            seed = self.options.seed * 1_000_003 + self.step
+            mx.random.seed(seed if group is None else seed * group.size() + group.rank())
         grads: Any = None
         total_loss, total_count = mx.array(0.0), mx.array(0.0)
         for batch in batches:
+            if batch.empty:  # this rank's slice of a short batch: it adds nothing
+                continue
             (value, count), g = self._grad_fn(batch)(_arrays(batch))
             g = tree_map(lambda x, c=count: x * c, g)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             total_loss, total_count = total_loss + value * count, total_count + count
             if len(batches) > 1:
+                mx.eval(grads, total_loss, total_count)
+        if grads is None:
+            grads = tree_map(mx.zeros_like, self.model.trainable_parameters())
+        if group is not None:
+            with peer_failures():
+                grads = sum_tree(grads, group)
+                total_loss, total_count = sum_arrays([total_loss, total_count], group)
                 mx.eval(grads, total_loss, total_count)
         denom = mx.maximum(total_count, 1)
         grads = tree_map(lambda x: x / denom, grads)
@@ -229,7 +261,7 @@ class Trainer:
             )
         self.model.train()
         self.callbacks.on_train_begin({"iters": opts.iters, "start": self.step})
-        stream = train.batches(self.position, loop=True)
+        stream = train.batches(self.position, loop=True, part=part(self.group))
         window: dict[str, float] = {"loss": 0.0, "count": 0.0, "steps": 0, "time": 0.0}
         trained_tokens = 0.0
         last: dict[str, Any] = {}
@@ -259,7 +291,8 @@ class Trainer:
             ):
                 last.update(self._validate(valid))
             if (
-                checkpoint_dir is not None
+                self.primary
+                and checkpoint_dir is not None
                 and save_weights is not None
                 and opts.save_every
                 and self.step % opts.save_every == 0
@@ -287,10 +320,11 @@ class Trainer:
         tic = time.perf_counter()
         value = evaluate(
             self.model,
-            (b for b, _ in valid.batches(loop=False)),
+            (b for b, _ in valid.batches(loop=False, part=part(self.group))),
             loss=self.eval_loss,
             num_batches=self.options.val_batches,
             clear_cache_threshold=self.options.clear_cache_threshold,
+            group=self.group,
         )
         info = {"iteration": self.step, "val_loss": value, "val_time": time.perf_counter() - tic}
         self.callbacks.on_val_loss_report(info)
