@@ -124,6 +124,9 @@ class EngineBridge:
         self._supervisor: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.generated_tokens = 0
+        # --shard (mlxlm_server._distributed): wraps each generator so the other ranks run
+        # the same steps, is closed when the loop stops, and refuses `call` (embeddings).
+        self.mirror: Any = None
 
     # --- lifecycle (called on the event loop) -----------------------------------------------
     async def start(self) -> None:
@@ -152,6 +155,8 @@ class EngineBridge:
                 prefill_step_size=self.prefill_step_size,
                 return_caches=self.prefix_cache is not None,
             )
+            if self.mirror is not None:
+                slot.generator = self.mirror.wrap(slot.generator)
         self._inject = None
         self._tick = time.monotonic()
         self.state = "ok"
@@ -230,6 +235,8 @@ class EngineBridge:
     async def call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the engine thread between steps (it owns the model) and await it."""
         self._check_available()
+        if self.mirror is not None:
+            self.mirror.check_call()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._commands.put(("call", (fn, future)))
         return await future
@@ -247,6 +254,8 @@ class EngineBridge:
                 busy = any(s.generator.has_work for s in self.slots.values() if s.generator)
                 self._busy = busy
                 if not self._drain(uids, block=not busy):
+                    if self.mirror is not None:
+                        self.mirror.close()
                     return
                 if self._inject is not None:
                     raise self._inject
