@@ -17,23 +17,15 @@ from mlx.utils import tree_flatten
 from mlxlm_core.cache import QuantizedKVCache, make_prompt_cache
 from mlxlm_core.models.base import attention
 
-
-def _fixtures():
-    name = "_fixtures_zoo_a"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("_fixtures_zoo_a.py")
-        )
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules[name] = module
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return sys.modules[name]
-
-
-fx = _fixtures()
-WINDOW = fx.WINDOW
-build, windows, toks, max_diff = fx.build, fx.windows, fx.toks, fx.max_diff
-_args = fx.model_args
+if "_zoo" not in sys.modules:  # --import-mode=importlib: load the sibling helpers by path
+    _spec = importlib.util.spec_from_file_location("_zoo", Path(__file__).with_name("_zoo.py"))
+    assert _spec is not None and _spec.loader is not None
+    sys.modules["_zoo"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["_zoo"])
+zoo = sys.modules["_zoo"]
+WINDOW = zoo.WINDOW
+build, windows, toks, max_diff = zoo.build, zoo.windows, zoo.toks, zoo.max_diff
+_args = zoo.model_args
 
 
 # -- Gemma ----------------------------------------------------------------------------------

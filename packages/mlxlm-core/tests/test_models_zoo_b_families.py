@@ -18,25 +18,15 @@ from mlxlm_core import UnsupportedError
 from mlxlm_core.cache import make_prompt_cache
 from mlxlm_core.models import get_model_classes
 
-
-def _fixtures():
-    """The shared helpers module (tests are imported by path, not as a package)."""
-    name = "_fixtures_zoo_b"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("_fixtures_zoo_b.py")
-        )
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules[name] = module
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return sys.modules[name]
-
-
-_f = _fixtures()
-CONFIGS, build, toks = _f.CONFIGS, _f.build, _f.toks
-max_diff, rel_diff, windows = _f.max_diff, _f.rel_diff, _f.windows
-_np = _f.to_numpy
-COMMON = _f.COMMON
+if "_zoo" not in sys.modules:  # --import-mode=importlib: load the sibling helpers by path
+    _spec = importlib.util.spec_from_file_location("_zoo", Path(__file__).with_name("_zoo.py"))
+    assert _spec is not None and _spec.loader is not None
+    sys.modules["_zoo"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["_zoo"])
+zoo = sys.modules["_zoo"]
+CONFIGS, build, toks, max_diff = zoo.CONFIGS, zoo.build, zoo.toks, zoo.max_diff
+_np = zoo.to_numpy
+COMMON = zoo.configs.B_COMMON
 
 
 # -- Qwen2-MoE ---------------------------------------------------------------------------
@@ -246,35 +236,7 @@ def test_internlm3_bias_switches() -> None:
     assert args.qkv_bias and args.attention_bias and not args.mlp_bias
 
 
-# -- Sliding windows (OLMo 3, Qwen2-MoE, SmolLM3) -----------------------------------------
-
-_ONE_WINDOWED_LAYER = {
-    "olmo3": {"layer_types": ["sliding_attention"]},
-    "qwen2_moe": {"use_sliding_window": True, "max_window_layers": 0, "mlp_only_layers": []},
-    "smollm3": {"use_sliding_window": True, "no_rope_layers": [0]},
-}
-
-
-@pytest.mark.parametrize("name", list(_ONE_WINDOWED_LAYER))
-def test_sliding_window_matches_cropped_input(name: str) -> None:
-    """With one windowed layer, position t sees exactly tokens t-w+1..t (rope is relative),
-    so the last logits of the cropped input equal position t of the full run, uncached
-    (windowed mask) and cached (a rotating cache of the window's size)."""
-    window = 6
-    model = build(name, num_hidden_layers=1, sliding_window=window, **_ONE_WINDOWED_LAYER[name])
-    assert windows(model) == [window]
-    seq = toks((1, 17), seed=6)
-    full = model(seq)
-    cache = make_prompt_cache(model)
-    cached = mx.concatenate(
-        [model(seq[:, :10], cache)] + [model(seq[:, i : i + 1], cache) for i in range(10, 17)],
-        axis=1,
-    )
-    assert all(c.size() <= window for c in cache)
-    for t in range(window - 1, 17):
-        crop = model(seq[:, t - window + 1 : t + 1])[:, -1]
-        assert max_diff(full[:, t], crop) <= 1e-4, t
-        assert max_diff(cached[:, t], crop) <= 1e-4, t
+# -- OLMo 3 --------------------------------------------------------------------------
 
 
 def test_olmo3_reads_per_layer_type_rope_parameters() -> None:
