@@ -8,6 +8,12 @@ the architectures switched on: biases, q/k norms, an explicit ``head_dim`` that 
 
 from __future__ import annotations
 
+# First, before anything imports mlx.core: mlxlm_core puts the optimised BLAS under MLX at
+# import (mlxlm_core._blas), and the tests should run on what users get.
+import mlxlm_core  # noqa: F401
+
+# isort: split
+
 import copy
 from collections.abc import Callable
 from typing import Any

@@ -3,6 +3,12 @@ seconds, and calibration text."""
 
 from __future__ import annotations
 
+# First, before anything imports mlx.core: mlxlm_core puts the optimised BLAS under MLX at
+# import (mlxlm_core._blas), and the tests should run on what users get.
+import mlxlm_core  # noqa: F401
+
+# isort: split
+
 import json
 from collections.abc import Callable
 from pathlib import Path

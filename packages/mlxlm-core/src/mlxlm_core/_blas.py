@@ -19,8 +19,9 @@ Choice, by the environment variable ``MLXLM_BLAS``:
 - ``off``: leave MLX's bundled BLAS alone.
 - a path: that shared library (it must export ``cblas_sgemm``).
 
-MKL runs with its sequential threading layer unless ``MKL_THREADING_LAYER`` says otherwise
-(measured in BENCHMARKS.md). ``mlxlm generate --verbose`` prints :func:`blas_info`.
+MKL runs with its sequential threading layer unless ``MKL_THREADING_LAYER`` says otherwise,
+OpenBLAS with one thread unless ``OPENBLAS_NUM_THREADS`` does (measured in BENCHMARKS.md).
+``mlxlm generate --verbose`` prints :func:`blas_info`.
 Libraries whose symbols are prefixed (numpy's bundled OpenBLAS, ``scipy-openblas32``:
 ``scipy_cblas_sgemm``) cannot serve and are not tried.
 """
@@ -121,6 +122,14 @@ def _load(path: Path, name: str) -> tuple[BlasInfo | None, str]:
         else:
             lib.MKL_Set_Threading_Layer(ctypes.c_int(_MKL_SEQUENTIAL))
             detail += "; sequential threading layer"
+    elif name == "openblas" and hasattr(lib, "openblas_set_num_threads"):
+        # Same reasoning as MKL's sequential layer: one thread measured as fast for these
+        # shapes, and OpenBLAS's spinning pthreads collapse under load (BENCHMARKS.md).
+        if "OPENBLAS_NUM_THREADS" in os.environ:
+            detail += f"; {os.environ['OPENBLAS_NUM_THREADS']} thread(s) (environment)"
+        else:
+            lib.openblas_set_num_threads(ctypes.c_int(1))
+            detail += "; 1 thread"
     return BlasInfo(name, str(path), detail), ""
 
 
