@@ -159,7 +159,12 @@ def load_from_args(args: argparse.Namespace, **extra: Any) -> tuple[Any, ...]:
     """
     from .._loading import load
 
-    options = dict(adapter_path=args.adapter_path, dtype=args.dtype, revision=args.revision)
+    options = dict(
+        adapter_path=args.adapter_path,
+        dtype=args.dtype,
+        weight_mode=getattr(args, "weight_mode", "auto"),
+        revision=args.revision,
+    )
     strategy = getattr(args, "shard", None)
     if strategy:
         loaded = _load_shard(args, strategy, options, extra)
