@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 import pytest
+from mlxlm_core._blas import _openblas_candidates
 
 PROBE = r"""
 import json, logging, os, sys, warnings
@@ -35,6 +36,9 @@ out = {
     "owner": _global_sgemm_owner(),
     "warnings": [str(w.message) for w in caught if "MLXLM_BLAS" in str(w.message)],
 }
+if info.name == "openblas":
+    import ctypes
+    out["threads"] = ctypes.CDLL(info.path).openblas_get_num_threads()
 if "--matmul" in sys.argv:
     import mlx.core as mx
     import numpy as np
@@ -63,6 +67,10 @@ CASES = {
     "missing": ("/nonexistent/libblas.so",),
     "mlx-first": (None, "--mlx-first"),
 }
+# A system OpenBLAS, where one is installed (Debian's libopenblas0-pthread on CI).
+SYSTEM_OPENBLAS = next((str(p) for p in _openblas_candidates() if p.exists()), None)
+if SYSTEM_OPENBLAS:
+    CASES["openblas"] = (SYSTEM_OPENBLAS, "--matmul")
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +154,11 @@ def test_too_late_after_mlx_core_was_imported(probes) -> None:
     out = probes["mlx-first"]
     assert out["name"] == "bundled"
     assert "imported before mlxlm_core" in out["detail"]
+
+
+@pytest.mark.skipif(SYSTEM_OPENBLAS is None, reason="no system OpenBLAS on this machine")
+def test_openblas_runs_on_one_thread_with_correct_results(probes) -> None:
+    out = probes["openblas"]
+    assert out["name"] == "openblas" and "1 thread" in out["detail"]
+    assert out["threads"] == 1  # its pthread pool would compete with MLX's stream thread
+    assert out["max_relative_error"] < 1e-5
