@@ -14,10 +14,10 @@ from typing import Any, ClassVar, Self
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..cache import CachePolicy, KVCache
+from ..cache import KVCache
 from . import llama
-from .base import default_caches, layer_masks
-from .sharding import check_heads, shard_projections
+from ._blocks import GlobalLayerCaches, drop_unused, output_logits, run_layers, shard_heads
+from .sharding import shard_projections
 
 # EXAONE config key -> the Llama field it means.
 _CONFIG_NAMES = {"num_layers": "num_hidden_layers", "layer_norm_epsilon": "rms_norm_eps"}
@@ -96,14 +96,10 @@ class Transformer(nn.Module):
         self, inputs: mx.array, cache: Sequence[KVCache] | None, input_embeddings: mx.array | None
     ) -> mx.array:
         h = self.wte(inputs) if input_embeddings is None else input_embeddings
-        caches: Sequence[KVCache | None] = cache if cache is not None else [None] * len(self.h)
-        masks = layer_masks(h.shape[1], caches, [None] * len(self.h))
-        for block, block_cache, mask in zip(self.h, caches, masks):
-            h = block(h, mask, block_cache)
-        return self.ln_f(h)
+        return self.ln_f(run_layers(self.h, h, cache))
 
 
-class Model(nn.Module):
+class Model(GlobalLayerCaches, nn.Module):
     model_type: ClassVar[str] = "exaone"
 
     def __init__(self, args: ModelArgs):
@@ -120,35 +116,19 @@ class Model(nn.Module):
         input_embeddings: mx.array | None = None,
     ) -> mx.array:
         h = self.transformer(inputs, cache, input_embeddings)
-        if "lm_head" in self:
-            return self.lm_head(h)
-        return self.transformer.wte.as_linear(h)
+        return output_logits(h, self.transformer.wte, self.get("lm_head"))
 
     @property
     def layers(self) -> list[Block]:
         return self.transformer.h
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        weights = {k: v for k, v in weights.items() if not k.endswith(".inv_freq")}
-        if self.args.tie_word_embeddings:
-            weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
-        return weights
-
-    def make_cache(
-        self, policy: CachePolicy, *, batch_size: int = 1, left_padding: Sequence[int] | None = None
-    ) -> list[KVCache]:
-        return default_caches(
-            len(self.layers), policy, batch_size=batch_size, left_padding=left_padding
-        )
+        tied = self.args.tie_word_embeddings
+        return drop_unused(weights, buffers=(".inv_freq",), tied_head="lm_head." if tied else None)
 
     def shard(self, group: mx.distributed.Group | None = None) -> None:
         group = group or mx.distributed.init()
         for block in self.layers:
-            attn = block.attn.attention
-            check_heads(attn.n_heads, attn.n_kv_heads, group)
-            shard_projections(
-                attn, group, split_out=["q_proj", "k_proj", "v_proj"], split_in=["out_proj"]
-            )
-            attn.n_heads //= group.size()
-            attn.n_kv_heads //= group.size()
+            split_out = ["q_proj", "k_proj", "v_proj"]
+            shard_heads(block.attn.attention, group, split_out=split_out, split_in=["out_proj"])
             shard_projections(block.mlp, group, split_out=["c_fc_0", "c_fc_1"], split_in=["c_proj"])

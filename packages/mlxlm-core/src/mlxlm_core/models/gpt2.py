@@ -15,12 +15,12 @@ from typing import Any, ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.nn.layers.distributed import shard_linear
 
 from .._errors import ContextLengthError, InvalidArgumentError
-from ..cache import CachePolicy, KVCache
+from ..cache import KVCache
 from ._activations import activation
-from .base import BaseModelArgs, attention, cache_mask, default_caches, rope_offset
+from ._blocks import GlobalLayerCaches, run_layers, shard_heads
+from .base import BaseModelArgs, attention, rope_offset
 from .starcoder2 import MLP, shard_mlp
 
 _CONV1D = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
@@ -109,15 +109,11 @@ class GPT2Model(nn.Module):
         input_embeddings: mx.array | None = None,
     ) -> mx.array:
         h = input_embeddings if input_embeddings is not None else self.wte(inputs)
-        caches: Sequence[KVCache | None] = cache if cache is not None else [None] * len(self.h)
-        h = h + self.wpe(self.positions(h.shape[1], caches[0]))
-        mask = cache_mask(h.shape[1], caches[0])
-        for block, layer_cache in zip(self.h, caches):
-            h = block(h, mask, layer_cache)
-        return self.ln_f(h)
+        h = h + self.wpe(self.positions(h.shape[1], cache[0] if cache is not None else None))
+        return self.ln_f(run_layers(self.h, h, cache))
 
 
-class Model(nn.Module):
+class Model(GlobalLayerCaches, nn.Module):
     model_type: ClassVar[str] = "gpt2"
 
     def __init__(self, args: ModelArgs):
@@ -149,28 +145,11 @@ class Model(nn.Module):
             out[f"model.{key}"] = value.T if _CONV1D.fullmatch(key) else value
         return out
 
-    def make_cache(
-        self,
-        policy: CachePolicy,
-        *,
-        batch_size: int = 1,
-        left_padding: Sequence[int] | None = None,
-    ) -> list[KVCache]:
-        return default_caches(
-            len(self.layers), policy, batch_size=batch_size, left_padding=left_padding
-        )
-
     def shard(self, group: mx.distributed.Group | None = None) -> None:
         group = group or mx.distributed.init()
-        size = group.size()
         for block in self.layers:
-            attn = block.attn
-            if attn.n_heads % size:
-                raise InvalidArgumentError(
-                    f"{attn.n_heads} heads cannot be split over {size} ranks"
-                )
             # q, k and v are split each on its own, so every rank keeps whole heads of each.
-            attn.c_attn = shard_linear(attn.c_attn, "all-to-sharded", segments=3, group=group)
-            attn.c_proj = shard_linear(attn.c_proj, "sharded-to-all", group=group)
-            attn.n_heads = attn.n_kv_heads = attn.n_heads // size
+            shard_heads(
+                block.attn, group, split_out=["c_attn"], split_in=["c_proj"], segments={"c_attn": 3}
+            )
             shard_mlp(block.mlp, group)

@@ -15,14 +15,15 @@ from typing import Any, ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.nn.layers.distributed import shard_linear
 
 from .._errors import InvalidArgumentError
-from ..cache import CachePolicy, KVCache
+from ..cache import KVCache
 from ._activations import activation
+from ._blocks import GlobalLayerCaches, output_logits, run_layers, shard_heads
 from ._hf_config import apply_rope_parameters
-from .base import BaseModelArgs, attention, cache_mask, default_caches, rope_offset
+from .base import BaseModelArgs, attention, rope_offset
 from .rope import make_rope
+from .sharding import shard_projections
 
 _BUFFERS = (".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq")
 
@@ -138,15 +139,11 @@ class GPTNeoXModel(nn.Module):
         input_embeddings: mx.array | None = None,
     ) -> mx.array:
         h = input_embeddings if input_embeddings is not None else self.embed_in(inputs)
-        caches: Sequence[KVCache | None] = cache if cache is not None else [None] * len(self.h)
-        mask = cache_mask(h.shape[1], caches[0])
-        for layer, layer_cache in zip(self.h, caches):
-            h = layer(h, mask, layer_cache)
-        h = self.final_layer_norm(h)
-        return self.embed_out(h) if "embed_out" in self else self.embed_in.as_linear(h)
+        h = self.final_layer_norm(run_layers(self.h, h, cache))
+        return output_logits(h, self.embed_in, self.get("embed_out"))
 
 
-class Model(nn.Module):
+class Model(GlobalLayerCaches, nn.Module):
     model_type: ClassVar[str] = "gpt_neox"
 
     def __init__(self, args: ModelArgs):
@@ -178,29 +175,11 @@ class Model(nn.Module):
             out = {k: v for k, v in out.items() if not k.startswith("model.embed_out.")}
         return out
 
-    def make_cache(
-        self,
-        policy: CachePolicy,
-        *,
-        batch_size: int = 1,
-        left_padding: Sequence[int] | None = None,
-    ) -> list[KVCache]:
-        return default_caches(
-            len(self.layers), policy, batch_size=batch_size, left_padding=left_padding
-        )
-
     def shard(self, group: mx.distributed.Group | None = None) -> None:
         group = group or mx.distributed.init()
-        size = group.size()
         for layer in self.layers:
-            attn, mlp = layer.attention, layer.mlp
-            if attn.n_heads % size:
-                raise InvalidArgumentError(
-                    f"{attn.n_heads} heads cannot be split over {size} ranks"
-                )
             # Equal row blocks of the head-major query_key_value are whole heads.
-            attn.query_key_value = shard_linear(attn.query_key_value, "all-to-sharded", group=group)
-            attn.dense = shard_linear(attn.dense, "sharded-to-all", group=group)
-            attn.n_heads = attn.n_kv_heads = attn.n_heads // size
-            mlp.dense_h_to_4h = shard_linear(mlp.dense_h_to_4h, "all-to-sharded", group=group)
-            mlp.dense_4h_to_h = shard_linear(mlp.dense_4h_to_h, "sharded-to-all", group=group)
+            shard_heads(layer.attention, group, split_out=["query_key_value"], split_in=["dense"])
+            shard_projections(
+                layer.mlp, group, split_out=["dense_h_to_4h"], split_in=["dense_4h_to_h"]
+            )

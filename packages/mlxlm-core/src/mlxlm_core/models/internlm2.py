@@ -15,10 +15,10 @@ from typing import Any, ClassVar
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..cache import CachePolicy, KVCache
+from ..cache import KVCache
 from . import llama
-from .base import default_caches, layer_masks
-from .sharding import check_heads, shard_projections
+from ._blocks import GlobalLayerCaches, drop_unused, output_logits, run_layers, shard_heads
+from .sharding import shard_projections
 
 
 @dataclasses.dataclass
@@ -79,14 +79,10 @@ class DecoderStack(nn.Module):
         self, inputs: mx.array, cache: Sequence[KVCache] | None, input_embeddings: mx.array | None
     ) -> mx.array:
         h = self.tok_embeddings(inputs) if input_embeddings is None else input_embeddings
-        caches: Sequence[KVCache | None] = cache if cache is not None else [None] * len(self.layers)
-        masks = layer_masks(h.shape[1], caches, [None] * len(self.layers))
-        for layer, layer_cache, mask in zip(self.layers, caches, masks):
-            h = layer(h, mask, layer_cache)
-        return self.norm(h)
+        return self.norm(run_layers(self.layers, h, cache))
 
 
-class Model(nn.Module):
+class Model(GlobalLayerCaches, nn.Module):
     model_type: ClassVar[str] = "internlm2"
 
     def __init__(self, args: ModelArgs):
@@ -103,34 +99,19 @@ class Model(nn.Module):
         input_embeddings: mx.array | None = None,
     ) -> mx.array:
         h = self.model(inputs, cache, input_embeddings)
-        if "output" in self:
-            return self.output(h)
-        return self.model.tok_embeddings.as_linear(h)
+        return output_logits(h, self.model.tok_embeddings, self.get("output"))
 
     @property
     def layers(self) -> list[DecoderLayer]:
         return self.model.layers
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        weights = {k: v for k, v in weights.items() if not k.endswith(".inv_freq")}
-        if self.args.tie_word_embeddings:
-            weights = {k: v for k, v in weights.items() if not k.startswith("output.")}
-        return weights
-
-    def make_cache(
-        self, policy: CachePolicy, *, batch_size: int = 1, left_padding: Sequence[int] | None = None
-    ) -> list[KVCache]:
-        return default_caches(
-            len(self.layers), policy, batch_size=batch_size, left_padding=left_padding
-        )
+        tied = self.args.tie_word_embeddings
+        return drop_unused(weights, buffers=(".inv_freq",), tied_head="output." if tied else None)
 
     def shard(self, group: mx.distributed.Group | None = None) -> None:
         # wqkv's rows are grouped per KV head, so contiguous row blocks are whole groups.
         group = group or mx.distributed.init()
         for layer in self.layers:
-            attn = layer.attention
-            check_heads(attn.n_heads, attn.n_kv_heads, group)
-            shard_projections(attn, group, split_out=["wqkv"], split_in=["wo"])
-            attn.n_heads //= group.size()
-            attn.n_kv_heads //= group.size()
+            shard_heads(layer.attention, group, split_out=["wqkv"], split_in=["wo"])
             shard_projections(layer.feed_forward, group, split_out=["w1", "w3"], split_in=["w2"])
