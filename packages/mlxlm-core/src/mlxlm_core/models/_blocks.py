@@ -37,7 +37,9 @@ class GlobalLayerCaches:
     """``make_cache`` for models whose layers all attend globally: one cache per layer,
     growing, bounded or quantized as the policy says."""
 
-    layers: Sequence[nn.Module]
+    @property
+    def layers(self) -> Sequence[nn.Module]:  # the model's blocks, as every model has them
+        raise NotImplementedError
 
     def make_cache(
         self,
