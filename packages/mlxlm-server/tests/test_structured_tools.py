@@ -262,11 +262,23 @@ def test_required_tool_calls_streamed_and_not(client: Any, seed: int, parallel: 
         )
         assert call.id.startswith("call")
     chunks = list(client.chat.completions.create(stream=True, **kw))
-    streamed = [tc for ch in chunks for c in ch.choices for tc in (c.delta.tool_calls or [])]
-    assert [(t.function.name, t.function.arguments) for t in streamed] == [
-        (c.function.name, c.function.arguments) for c in choice.message.tool_calls
+    deltas = [tc for ch in chunks for c in ch.choices for tc in (c.delta.tool_calls or [])]
+    # OpenAI's shape: each call opens with its index, id, type and name (arguments ""),
+    # then only argument fragments follow, which concatenate to the non-streamed arguments.
+    opened = [d for d in deltas if d.id is not None]
+    assert [d.index for d in opened] == list(range(len(choice.message.tool_calls)))
+    for d in opened:
+        assert d.type == "function" and d.id.startswith("call") and d.function.arguments == ""
+    fragments = [d for d in deltas if d.id is None]
+    assert all(d.function.name is None and d.function.arguments for d in fragments)
+    assert len(fragments) > len(opened)  # the arguments came in pieces, not whole
+    streamed = [
+        (d.function.name, "".join(f.function.arguments for f in fragments if f.index == d.index))
+        for d in opened
     ]
-    assert [t.index for t in streamed] == list(range(len(streamed)))
+    assert streamed == [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
+    first_fragment = deltas.index(fragments[0])
+    assert all(deltas.index(d) < first_fragment for d in opened if d.index == 0)
     assert [c.finish_reason for ch in chunks for c in ch.choices if c.finish_reason] == [
         "tool_calls"
     ]

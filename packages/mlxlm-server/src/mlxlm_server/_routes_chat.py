@@ -33,7 +33,7 @@ from ._schemas_chat import (
 from ._schemas_common import ErrorResponse, Usage
 from ._sse import DONE, sse
 from ._state import ServerState, new_id
-from ._tools import ParsedCall, ToolParser
+from ._tools import CallStreamer, ParsedCall, StreamEvent, ToolParser
 
 router = APIRouter()
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -177,8 +177,7 @@ async def _stream(
         )
 
     k = (req.top_logprobs or 0) if req.logprobs else None
-    held = {i: "" for i in range(req.n)}  # text held back while it may be a tool call
-    in_call = dict.fromkeys(range(req.n), False)
+    streamers = {i: CallStreamer(parser) for i in range(req.n)} if parser is not None else {}
     counts = dict.fromkeys(range(req.n), 0)
     try:
         for i in range(req.n):
@@ -193,44 +192,23 @@ async def _stream(
                     if k is not None
                     else None
                 )
-                text = p.text
-                if parser is not None:
-                    buf = held[p.index] + text
-                    if not in_call[p.index] and parser.start_of_call(buf) is not None:
-                        in_call[p.index] = True
-                    if in_call[p.index]:
-                        held[p.index], text = buf, ""
-                    else:
-                        keep = 0 if p.finish_reason else parser.holdback(buf)
-                        held[p.index], text = (
-                            buf[len(buf) - keep :] if keep else "",
-                            buf[: len(buf) - keep],
-                        )
                 finish = p.finish_reason
-                if finish is not None and in_call[p.index]:
-                    parsed = parser.parse(held[p.index]) if parser is not None else None
-                    if parsed is None:
-                        text = held[p.index]
-                    else:
-                        content, calls = parsed
-                        if content:
-                            yield chunk([ChunkChoice(index=p.index, delta=Delta(content=content))])
-                        deltas = [
-                            ToolCallDelta(
-                                index=j,
-                                id=new_id("call"),
-                                type="function",
-                                function=FunctionDelta(name=c.name, arguments=c.arguments),
-                            )
-                            for j, c in enumerate(calls)
-                        ]
-                        for d in deltas:
-                            yield chunk([ChunkChoice(index=p.index, delta=Delta(tool_calls=[d]))])
-                        text = ""
-                        finish = "tool_calls" if finish == "stop" else finish
-                if text or (logprobs is not None and logprobs.content):
+                streamer = streamers.get(p.index)
+                if streamer is None:
+                    events = [StreamEvent("content", p.text)] if p.text else []
+                else:
+                    events = streamer.feed(p.text)
+                    if finish is not None:
+                        events += streamer.finish()
+                        if streamer.calls and finish == "stop":
+                            finish = "tool_calls"
+                for delta in _deltas(events):
+                    # Log-probabilities ride on the first chunk of the piece they belong to.
+                    yield chunk([ChunkChoice(index=p.index, delta=delta, logprobs=logprobs)])
+                    logprobs = None
+                if logprobs is not None and logprobs.content:
                     yield chunk(
-                        [ChunkChoice(index=p.index, delta=Delta(content=text), logprobs=logprobs)]
+                        [ChunkChoice(index=p.index, delta=Delta(content=""), logprobs=logprobs)]
                     )
                 if finish is not None:
                     yield chunk([ChunkChoice(index=p.index, delta=Delta(), finish_reason=finish)])
@@ -250,3 +228,25 @@ async def _stream(
             APIError(408, "the request took longer than the server's limit", code="timeout").body()
         )
     yield DONE
+
+
+def _deltas(events: list[StreamEvent]) -> list[Delta]:
+    """OpenAI deltas: a call opens with its id, type and name (arguments ""), then its
+    arguments arrive in fragments; consecutive content is sent as one."""
+    out: list[Delta] = []
+    for e in events:
+        if e.kind == "content":
+            if out and out[-1].tool_calls is None and out[-1].content is not None:
+                out[-1].content += e.text
+            else:
+                out.append(Delta(content=e.text))
+        elif e.kind == "call":
+            function = FunctionDelta(name=e.name, arguments="")
+            call = ToolCallDelta(
+                index=e.index, id=new_id("call"), type="function", function=function
+            )
+            out.append(Delta(tool_calls=[call]))
+        else:
+            call = ToolCallDelta(index=e.index, function=FunctionDelta(arguments=e.text))
+            out.append(Delta(tool_calls=[call]))
+    return out

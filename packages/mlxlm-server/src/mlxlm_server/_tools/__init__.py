@@ -6,12 +6,23 @@ template text names the markers), falling back to Hermes, the most common.
 
 from __future__ import annotations
 
-from ._base import ParsedCall, ToolParser, call_schema
+from ._base import Extraction, ParsedCall, ToolParser, call_schema
+from ._stream import CallStreamer, StreamEvent
 from .hermes import HermesParser
 from .llama3 import Llama3Parser
 from .mistral import MistralParser
 
-__all__ = ["PARSERS", "ParsedCall", "ToolParser", "call_schema", "get_parser", "register_parser"]
+__all__ = [
+    "PARSERS",
+    "CallStreamer",
+    "Extraction",
+    "ParsedCall",
+    "StreamEvent",
+    "ToolParser",
+    "call_schema",
+    "get_parser",
+    "register_parser",
+]
 
 PARSERS: dict[str, type[ToolParser]] = {}
 

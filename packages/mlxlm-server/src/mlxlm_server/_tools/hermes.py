@@ -2,40 +2,56 @@
 
 from __future__ import annotations
 
-import json
-import re
 from typing import Any
 
 from .._structured_schema import Compiler
-from ._base import ParsedCall, ToolParser, load_arguments
+from ._base import Extraction, ToolParser, read_object
+from ._scan import Invalid, skip_ws
 
-_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
+_KEYS = ("arguments", "parameters")
 
 
 class HermesParser(ToolParser):
     name = "hermes"
-    markers = ("<tool_call>",)
+    markers = (_OPEN,)
 
-    def parse(self, text: str) -> tuple[str | None, list[ParsedCall]] | None:
-        start = text.find("<tool_call>")
+    def _read(self, text: str, *, final: bool) -> Extraction | None:
+        start = text.find(_OPEN)
         if start < 0:
             return None
-        calls = []
-        for match in _BLOCK.finditer(text, start):
-            try:
-                data = json.loads(match.group(1))
-            except ValueError:
-                return None
-            if not isinstance(data, dict) or not isinstance(data.get("name"), str):
-                return None
-            arguments = load_arguments(data.get("arguments", data.get("parameters", {})))
-            if arguments is None:
-                return None
-            calls.append(ParsedCall(data["name"], arguments))
-        if not calls:
-            return None
-        content = (text[:start] + _BLOCK.sub("", text[start:])).strip()
-        return content or None, calls
+        found = Extraction(before=text[:start])
+        i = start
+        while i < len(text):
+            if not text.startswith(_OPEN, i):
+                # Text outside the blocks is content; another block may follow it.
+                nxt = text.find(_OPEN, i)
+                if nxt < 0:
+                    rest = text[i:]
+                    keep = 0 if final else self.holdback(rest)
+                    found.after += rest[: len(rest) - keep]
+                    break
+                found.after += text[i:nxt]
+                i = nxt
+            j = skip_ws(text, i + len(_OPEN))
+            if j >= len(text):
+                if final:
+                    raise Invalid("an empty tool-call block")
+                break
+            if text[j] != "{":
+                raise Invalid("a tool call holds a JSON object")
+            draft, end = read_object(text, j, _KEYS)
+            found.calls.append(draft)
+            if end is None:
+                break
+            k = skip_ws(text, end)
+            if text.startswith(_CLOSE, k):
+                i = k + len(_CLOSE)
+            elif k == len(text) or _CLOSE.startswith(text[k:]):
+                break  # the closing tag is still to come (or never: the text ended)
+            else:
+                raise Invalid("text after a tool call's object inside its block")
+        return found
 
     def build_format(
         self, compiler: Compiler, tools: list[dict[str, Any]], *, parallel: bool

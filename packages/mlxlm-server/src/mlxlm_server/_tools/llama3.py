@@ -3,39 +3,42 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from .._structured_schema import Compiler
-from ._base import ParsedCall, ToolParser, load_arguments
+from ._base import Extraction, ToolParser, read_object
+from ._scan import Invalid
+
+_TAG = "<|python_tag|>"
+_KEYS = ("parameters", "arguments")
+_SEPARATORS = " \t\r\n;"
 
 
 class Llama3Parser(ToolParser):
     name = "llama3"
-    markers = ("<|python_tag|>", '{"name"')
+    markers = (_TAG, '{"name"')
 
-    def parse(self, text: str) -> tuple[str | None, list[ParsedCall]] | None:
-        body = text.strip()
-        if body.startswith("<|python_tag|>"):
-            body = body[len("<|python_tag|>") :].strip()
-        if not body.startswith("{"):
-            return None
-        decoder = json.JSONDecoder()
-        calls, pos = [], 0
-        while pos < len(body):
-            try:
-                data, pos = decoder.raw_decode(body, pos)
-            except ValueError:
-                return None
-            if not isinstance(data, dict) or not isinstance(data.get("name"), str):
-                return None
-            arguments = load_arguments(data.get("parameters", data.get("arguments", {})))
-            if arguments is None:
-                return None
-            calls.append(ParsedCall(data["name"], arguments))
-            while pos < len(body) and body[pos] in " \t\r\n;":
-                pos += 1
-        return (None, calls) if calls else None
+    def _read(self, text: str, *, final: bool) -> Extraction | None:
+        i = len(text) - len(text.lstrip())
+        if text.startswith(_TAG, i):
+            i += len(_TAG)
+            i += len(text[i:]) - len(text[i:].lstrip())
+        elif not final and _TAG.startswith(text[i:]):
+            return Extraction(before="")  # maybe the tag, still arriving
+        if i < len(text) and text[i] != "{":
+            return None  # the whole reply is calls, or none of it is
+        found = Extraction(before="")
+        while i < len(text):
+            draft, end = read_object(text, i, _KEYS)
+            found.calls.append(draft)
+            if end is None:
+                break
+            i = end
+            while i < len(text) and text[i] in _SEPARATORS:
+                i += 1
+            if i < len(text) and text[i] != "{":
+                raise Invalid("text after a call")
+        return found
 
     def build_format(
         self, compiler: Compiler, tools: list[dict[str, Any]], *, parallel: bool
