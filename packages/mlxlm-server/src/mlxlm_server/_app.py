@@ -24,6 +24,7 @@ from ._prefix_cache import PrefixCache
 from ._routes_chat import router as chat_router
 from ._routes_compat import router as compat_router
 from ._routes_completions import router as completions_router
+from ._routes_messages import router as messages_router
 from ._routes_misc import router as misc_router
 from ._state import ServerState
 
@@ -153,7 +154,7 @@ def create_app(
     )
     app.state.server = state
     install_error_handlers(app)
-    for router in (chat_router, completions_router, compat_router, misc_router):
+    for router in (chat_router, completions_router, compat_router, messages_router, misc_router):
         app.include_router(router)
     # Added innermost first: metrics, keys, CORS (answers preflights before keys are asked
     # for, and labels 401s for browsers), then the body bound outermost.

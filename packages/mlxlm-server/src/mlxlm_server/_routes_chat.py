@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from ._chat import message_dicts, render_chat
 from ._engine_bridge import Slot
-from ._errors import APIError, bad_request
+from ._errors import APIError
 from ._generation import GenParams, Piece, TokenInfo, collect, make_jobs, run_jobs, stream_jobs
 from ._schemas_chat import (
     AssistantMessage,
@@ -73,31 +73,19 @@ def tool_calls_out(calls: list[ParsedCall]) -> list[ToolCall]:
 def _plan_tools(
     state: ServerState, slot: Slot, req: ChatCompletionRequest, params: GenParams
 ) -> tuple[list[dict[str, Any]] | None, ToolParser | None]:
-    """Which tools the template sees and which parser reads the reply; forces a call if asked."""
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     choice = req.tool_choice or ("auto" if tools else "none")
-    if not tools:
-        if choice == "required" or not isinstance(choice, str):
-            raise bad_request("tool_choice needs tools", param="tool_choice")
-        return None, None
-    if choice == "none":
-        return None, None
-    forced = tools
-    if not isinstance(choice, str):
-        forced = [t for t in tools if t["function"]["name"] == choice.function.name]
-        if not forced:
-            raise bad_request(
-                f"tool_choice names an unknown tool {choice.function.name!r}", param="tool_choice"
-            )
-    if choice != "auto":
-        if req.response_format is not None and req.response_format.type != "text":
-            raise bad_request(
-                "response_format cannot be combined with a forced tool call",
-                param="response_format",
-            )
-        named = not isinstance(choice, str)
-        state.force_tool_call(slot, forced, params, parallel=req.parallel_tool_calls and not named)
-    return tools, state.tool_parser(slot)
+    named = None if isinstance(choice, str) else choice.function.name
+    structured = req.response_format is not None and req.response_format.type != "text"
+    return state.plan_tools(
+        slot,
+        params,
+        tools,
+        choice if isinstance(choice, str) else "named",
+        named=named,
+        parallel=req.parallel_tool_calls,
+        structured=structured,
+    )
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS)

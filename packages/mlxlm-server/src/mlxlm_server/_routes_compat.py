@@ -1,6 +1,6 @@
-"""Other API shapes over the same engine: OpenAI Responses (stateless) and Anthropic
-Messages. Both render the conversation with the chat template and stream SSE events in
-their own vocabulary."""
+"""The OpenAI Responses API (stateless) over the same engine: the conversation is rendered
+with the chat template and streamed as SSE events in that API's vocabulary. (Anthropic's
+Messages API is in :mod:`._routes_messages`.)"""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from ._engine_bridge import Slot
 from ._errors import APIError, bad_request
 from ._generation import GenParams, Piece, collect, make_jobs, run_jobs, stream_jobs
 from ._routes_chat import ERRORS
-from ._schemas_anthropic import MessagesRequest, MessagesResponse, MessagesUsage, TextOut
 from ._schemas_common import ResponseFormat
 from ._schemas_responses import (
     IncompleteDetails,
@@ -172,92 +171,5 @@ async def responses(req: ResponsesRequest, request: Request) -> Any:
         yield event("response.output_item.done", output_index=0, item=final.output[0].model_dump())
         kind = "response.completed" if final.status == "completed" else "response.incomplete"
         yield event(kind, response=final.model_dump())
-
-    return StreamingResponse(events(), media_type="text/event-stream")
-
-
-# --- /v1/messages (Anthropic) -----------------------------------------------------------------
-
-
-_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}
-
-
-@router.post("/v1/messages", response_model=MessagesResponse, responses=ERRORS)
-async def messages(req: MessagesRequest, request: Request) -> Any:
-    state: ServerState = request.app.state.server
-    slot = state.slot(req.model)
-    chat = [{"role": "system", "content": _parts_text(req.system)}] if req.system else []
-    chat += [{"role": m.role, "content": _parts_text(m.content)} for m in req.messages]
-    params = GenParams(
-        max_tokens=state.max_tokens(req.max_tokens),
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=req.top_k or 0,
-        seed=req.seed,
-        stop=[s for s in req.stop_sequences or [] if s],
-    )
-    prompt, pieces = await _start(state, request, slot, chat, params)
-    mid = new_id("msg")
-
-    if not req.stream:
-        (r,) = await run_jobs(request, collect(pieces, 1), timeout=state.config.request_timeout)
-        reason = _STOP_REASONS.get(r.finish_reason or "stop", "end_turn")
-        seq = r.stop_string
-        if seq is not None:
-            reason = "stop_sequence"
-        return MessagesResponse(
-            id=mid,
-            content=[TextOut(text=r.text)],
-            model=req.model,
-            stop_reason=reason,  # type: ignore[arg-type]
-            stop_sequence=seq,
-            usage=MessagesUsage(input_tokens=len(prompt), output_tokens=r.completion_tokens),
-        )
-
-    async def events() -> AsyncIterator[bytes]:
-        start = {
-            "id": mid, "type": "message", "role": "assistant", "content": [], "model": req.model,
-            "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": len(prompt), "output_tokens": 0},
-        }  # fmt: skip
-        yield sse({"type": "message_start", "message": start}, event="message_start")
-        yield sse(
-            {
-                "type": "content_block_start",
-                "index": 0,
-                "content_block": {"type": "text", "text": ""},
-            },
-            event="content_block_start",
-        )
-        finish, used, matched = None, 0, None
-        try:
-            async with asyncio.timeout(state.config.request_timeout):
-                async for p in pieces:
-                    finish, used = p.finish_reason or finish, p.completion_tokens
-                    matched = p.stop_string or matched
-                    if p.text:
-                        delta = {"type": "text_delta", "text": p.text}
-                        yield sse(
-                            {"type": "content_block_delta", "index": 0, "delta": delta},
-                            event="content_block_delta",
-                        )
-        except (APIError, TimeoutError) as exc:
-            error = (
-                exc
-                if isinstance(exc, APIError)
-                else APIError(408, "request timed out", code="timeout")
-            )
-            body = {"type": "error", "error": {"type": error.type, "message": error.message}}
-            yield sse(body, event="error")
-            return
-        yield sse({"type": "content_block_stop", "index": 0}, event="content_block_stop")
-        reason = "stop_sequence" if matched else _STOP_REASONS.get(finish or "stop", "end_turn")
-        delta = {
-            "type": "message_delta",
-            "delta": {"stop_reason": reason, "stop_sequence": matched},
-            "usage": {"output_tokens": used},
-        }
-        yield sse(delta, event="message_delta")
-        yield sse({"type": "message_stop"}, event="message_stop")
 
     return StreamingResponse(events(), media_type="text/event-stream")

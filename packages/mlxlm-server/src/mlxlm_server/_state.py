@@ -134,6 +134,46 @@ class ServerState:
             ) from None
         params.constraint = lambda: json_processor(constraint)
 
+    def plan_tools(
+        self,
+        slot: Slot,
+        params: GenParams,
+        tools: list[dict[str, Any]] | None,
+        choice: str,
+        *,
+        named: str | None = None,
+        parallel: bool = True,
+        structured: bool = False,
+    ) -> tuple[list[dict[str, Any]] | None, ToolParser | None]:
+        """Which tools the chat template sees and which parser reads the reply.
+
+        ``tools`` are OpenAI function tools; ``choice`` is ``auto``, ``none``, ``required``
+        or ``named`` (then ``named`` is the tool). A required or named call is forced by
+        constrained decoding in the parser's format; ``structured`` says a response format
+        is already enforced (the two cannot be combined).
+        """
+        if not tools:
+            if choice in ("required", "named"):
+                raise bad_request("tool_choice needs tools", param="tool_choice")
+            return None, None
+        if choice == "none":
+            return None, None
+        if choice != "auto":
+            forced = tools
+            if choice == "named":
+                forced = [t for t in tools if t["function"]["name"] == named]
+                if not forced:
+                    raise bad_request(
+                        f"tool_choice names an unknown tool {named!r}", param="tool_choice"
+                    )
+            if structured:
+                raise bad_request(
+                    "response_format cannot be combined with a forced tool call",
+                    param="response_format",
+                )
+            self.force_tool_call(slot, forced, params, parallel=parallel and choice != "named")
+        return tools, self.tool_parser(slot)
+
     def tool_parser(self, slot: Slot) -> ToolParser:
         return get_parser(self.config.tool_parser, slot.tokenizer.chat_template)
 
