@@ -56,11 +56,18 @@ def alone(model, prompt: list[int], max_tokens: int, **kwargs) -> list[int]:
     return [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens, **kwargs)]
 
 
-def run_batch(engine: BatchGenerator) -> dict[int, list[int]]:
+def run_batch(
+    engine: BatchGenerator, remove_after: dict[int, int] | None = None
+) -> dict[int, list[int]]:
+    """Tokens per uid; ``remove_after[k]`` is removed after the k-th step."""
     out: dict[int, list[int]] = {}
+    step = 0
     while engine.has_work:
         for r in engine.next():
             out.setdefault(r.uid, []).append(r.token)
+        step += 1
+        if remove_after and step in remove_after:
+            engine.remove([remove_after[step]])
     return out
 
 
@@ -86,6 +93,56 @@ def test_requests_joining_a_running_batch_get_the_same_tokens(model):
         out.setdefault(uid, []).extend(tokens)
     for uid, p in zip(first + later, ps):
         assert out[uid] == alone(model, p, 10)
+
+
+def long_prompt(n: int, seed: int = 3) -> list[int]:
+    return mx.random.randint(1, 97, (n,), key=mx.random.key(seed)).tolist()
+
+
+def test_a_long_prompt_joins_a_chunk_per_step_while_others_decode(model):
+    ps = prompts(2)
+    engine = BatchGenerator(model, prefill_step_size=16)
+    running = engine.insert(ps, max_tokens=30)
+    out: dict[int, list[int]] = {}
+    for r in engine.next():
+        out.setdefault(r.uid, []).append(r.token)
+    late = long_prompt(100)
+    (uid,) = engine.insert([late], max_tokens=6)
+    # 99 prompt tokens to feed, 16 a step: the running rows get a token every step meanwhile
+    # (six steps feed it, the seventh's decode gives its first token).
+    steps_before_first = 0
+    while uid not in out:
+        responses = engine.next()
+        assert {r.uid for r in responses} >= set(running)
+        for r in responses:
+            out.setdefault(r.uid, []).append(r.token)
+        steps_before_first += 1
+    assert steps_before_first == 7
+    for r_uid, tokens in run_batch(engine).items():
+        out.setdefault(r_uid, []).extend(tokens)
+    assert out[uid] == alone(model, late, 6)
+    for r_uid, p in zip(running, ps):
+        assert out[r_uid] == alone(model, p, 30)
+
+
+def test_alone_a_long_prompt_is_fed_at_once_and_prefix_caches_continue(model):
+    late = long_prompt(100)
+    engine = BatchGenerator(model, prefill_step_size=16)
+    (uid,) = engine.insert([late], max_tokens=5)
+    first = engine.next()
+    assert [r.uid for r in first] == [uid]  # nobody waits: no interleaving
+    # While that row decodes: a prompt continuing a prefix cache, and two fresh prompts fed
+    # together, one of them removed while its prompt is being fed.
+    prefix = make_prompt_cache(model)
+    model(mx.array([late[:40]]), cache=prefix)
+    mx.eval([c.state for c in prefix])
+    others = [late[:90], long_prompt(60, 5), long_prompt(30, 6)]
+    cached, dropped, kept = engine.insert(others, max_tokens=4, caches=[prefix, None, None])
+    out = run_batch(engine, remove_after={2: dropped})
+    assert [first[0].token, *out[uid]] == alone(model, late, 5)
+    assert out[cached] == alone(model, late[:90], 4)
+    assert out[kept] == alone(model, others[2], 4)
+    assert dropped not in out
 
 
 def test_stop_tokens_end_a_row_with_reason_stop(model):

@@ -178,11 +178,29 @@ class _Request:
 
 
 @dataclass
+class _Prefill:
+    """Admitted requests whose prompts are being fed: fresh prompts together (left-padded),
+    or one prompt continuing its prefix cache. ``tokens`` is what is left to feed; its last
+    column is the first decode step's input."""
+
+    requests: list[_Request]
+    tokens: mx.array
+    cache: list[KVCache]
+    sampling: Sampling
+    fed: int = 0  # prompt tokens fed so far (chunk boundaries count from the start)
+
+
+@dataclass
 class BatchGenerator:
     """Continuous batching over one model.
 
     ``insert`` queues prompts; each ``next()`` admits waiting prompts (prefilled together,
     then merged into the running batch) and advances every active row by one token.
+
+    While rows are decoding, admitted prompts are fed one chunk (``prefill_step_size``
+    tokens) per ``next()``, so a long prompt delays the running rows by a chunk per token
+    instead of stalling them for its whole prefill; with nothing decoding it is fed at once.
+    Chunk boundaries are the same either way, and so are the results.
     """
 
     model: nn.Module
@@ -196,6 +214,8 @@ class BatchGenerator:
     kv_group_size: int = 64
     return_caches: bool = False
     _waiting: list[_Request] = field(default_factory=list)
+    _prefilling: list[_Prefill] = field(default_factory=list)
+    _cancelled: set[int] = field(default_factory=set)  # uids removed mid-prefill
     _active: list[_Request] = field(default_factory=list)
     _cache: list[KVCache] | None = None
     _sampling: Sampling = field(default_factory=Sampling)
@@ -248,16 +268,21 @@ class BatchGenerator:
         return uids
 
     def remove(self, uids: Sequence[int]) -> None:
-        """Drop requests (waiting or running), e.g. when a client disconnects."""
+        """Drop requests (waiting, being prefilled or running), e.g. when a client leaves."""
         gone = set(uids)
         self._waiting = [r for r in self._waiting if r.uid not in gone]
+        # A prefill of only removed rows stops; other removed rows leave once it merges.
+        self._prefilling = [
+            job for job in self._prefilling if any(r.uid not in gone for r in job.requests)
+        ]
+        self._cancelled |= {r.uid for j in self._prefilling for r in j.requests} & gone
         keep = [i for i, r in enumerate(self._active) if r.uid not in gone]
         if len(keep) != len(self._active):
             self._keep_rows(keep)
 
     @property
     def has_work(self) -> bool:
-        return bool(self._waiting or self._active)
+        return bool(self._waiting or self._prefilling or self._active)
 
     def _keep_rows(self, rows: list[int]) -> None:
         self._active = [self._active[i] for i in rows]
@@ -272,47 +297,32 @@ class BatchGenerator:
         self._current = (self._current[0][idx], self._current[1][idx])
 
     def _admit(self) -> None:
-        room = self.completion_batch_size - len(self._active)
-        batch, self._waiting = (
-            self._waiting[: min(room, self.prefill_batch_size)],
-            self._waiting[min(room, self.prefill_batch_size) :],
-        )
-        if not batch:
-            return
-        # Prompts with a prefix cache continue it one at a time (their caches differ in
-        # length); the others are prefilled together, left-padded. Then all rows merge.
-        fresh = [r for r in batch if r.cache is None]
-        cached = [r for r in batch if r.cache is not None]
-        batch = fresh + cached
-        parts = [self._prefill_fresh(fresh)] if fresh else []
-        parts += [self._prefill_cached(r) for r in cached]
-        if len(parts) == 1:
-            cache, sampling, first = parts[0]
-        else:
-            cache = merge_caches([p[0] for p in parts])
-            sampling = Sampling()
-            for p in parts:
-                sampling.rows.extend(p[1].rows)
-            first = (
-                mx.concatenate([p[2][0] for p in parts]),
-                mx.concatenate([p[2][1] for p in parts]),
-            )
-        if self._cache is None:
-            self._cache, self._current = cache, first
-            self._sampling = sampling
-        else:
-            assert self._current is not None
-            self._cache = merge_caches([self._cache, cache])
-            self._current = (
-                mx.concatenate([self._current[0], first[0]]),
-                mx.concatenate([self._current[1], first[1]]),
-            )
-            self._sampling.rows.extend(sampling.rows)
-        self._active.extend(batch)
+        """Start prefilling the next batch of waiting prompts and feed what is admitted."""
+        step = self.prefill_step_size or prefill_step_for(self.model)
+        if not self._prefilling and self._waiting:
+            taking = sum(len(j.requests) for j in self._prefilling)
+            room = self.completion_batch_size - len(self._active) - taking
+            count = max(0, min(room, self.prefill_batch_size))
+            batch, self._waiting = self._waiting[:count], self._waiting[count:]
+            # Fresh prompts are fed together, left-padded; a prompt with a prefix cache
+            # continues it alone (their caches differ in length).
+            fresh = [r for r in batch if r.cache is None]
+            self._prefilling = [self._fresh(fresh)] if fresh else []
+            self._prefilling += [self._cached(r) for r in batch if r.cache is not None]
+        budget = step if self._active else None  # tokens to feed in this step
+        while self._prefilling and (budget is None or budget > 0):
+            job = self._prefilling[0]
+            while job.tokens.shape[1] > 1 and (budget is None or budget > 0):
+                n = min(step - job.fed % step, job.tokens.shape[1] - 1)
+                prefill(self.model, job.tokens[:, :n], job.cache, step_size=step)
+                job.tokens, job.fed = job.tokens[:, n:], job.fed + n
+                budget = None if budget is None else budget - n
+            if job.tokens.shape[1] > 1:
+                return  # the rest in later steps
+            self._prefilling.pop(0)
+            self._merge(job, decode_step(self.model, job.tokens, job.cache, job.sampling))
 
-    def _prefill_fresh(
-        self, batch: list[_Request]
-    ) -> tuple[list[KVCache], Sampling, tuple[mx.array, mx.array]]:
+    def _fresh(self, batch: list[_Request]) -> _Prefill:
         lengths = [len(r.prompt) for r in batch]
         longest = max(lengths)
         pads = [longest - n for n in lengths]
@@ -325,22 +335,35 @@ class BatchGenerator:
             batch_size=len(batch),
             left_padding=pads,
         )
-        prefill(self.model, tokens[:, :-1], cache, step_size=self.prefill_step_size)
         sampling = Sampling()
         for r in batch:
             sampling.add(mx.array(r.prompt[:-1]), r.sampler, r.processors)
-        return cache, sampling, decode_step(self.model, tokens[:, -1:], cache, sampling)
+        return _Prefill(batch, tokens, cache, sampling)
 
-    def _prefill_cached(
-        self, req: _Request
-    ) -> tuple[list[KVCache], Sampling, tuple[mx.array, mx.array]]:
+    def _cached(self, req: _Request) -> _Prefill:
         cache, req.cache = req.cache, None
         assert cache is not None
-        tokens = mx.array([req.prompt[cache[0].offset :]])
-        prefill(self.model, tokens[:, :-1], cache, step_size=self.prefill_step_size)
         sampling = Sampling()
         sampling.add(mx.array(req.prompt[:-1]), req.sampler, req.processors)
-        return cache, sampling, decode_step(self.model, tokens[:, -1:], cache, sampling)
+        return _Prefill([req], mx.array([req.prompt[cache[0].offset :]]), cache, sampling)
+
+    def _merge(self, job: _Prefill, first: tuple[mx.array, mx.array]) -> None:
+        """Rows whose prompts are fed join the running batch."""
+        if self._cache is None:
+            self._cache, self._current, self._sampling = job.cache, first, job.sampling
+        else:
+            assert self._current is not None
+            self._cache = merge_caches([self._cache, job.cache])
+            self._current = (
+                mx.concatenate([self._current[0], first[0]]),
+                mx.concatenate([self._current[1], first[1]]),
+            )
+            self._sampling.rows.extend(job.sampling.rows)
+        self._active.extend(job.requests)
+        gone = self._cancelled & {r.uid for r in job.requests}
+        if gone:
+            self._cancelled -= gone
+            self._keep_rows([i for i, r in enumerate(self._active) if r.uid not in gone])
 
     def _row_cache(self, row: int) -> list[KVCache]:
         """A batch-1 copy of one row's cache, its padding dropped."""
@@ -355,7 +378,9 @@ class BatchGenerator:
     def next(self) -> list[BatchResponse]:
         """Advance every active request by one token."""
         with mx.stream(generation_stream()):
-            if self._waiting and len(self._active) < self.completion_batch_size:
+            if self._prefilling or (
+                self._waiting and len(self._active) < self.completion_batch_size
+            ):
                 self._admit()
             if not self._active:
                 return []
