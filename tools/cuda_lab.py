@@ -1,0 +1,460 @@
+"""Experiments for the CUDA decode kernels (mlxlm_core._cuda_kernels): correctness, per-kernel
+bandwidth against MLX's ops, and whole-step timings. Run on a CUDA machine:
+
+    python tools/cuda_lab.py kernels|sweep|decode|step [...]
+
+Prints one JSON object per experiment (and appends them to $OUT/lab.jsonl when OUT is set).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from mlxlm_core import _cuda_kernels as ck  # noqa: E402
+
+BF = mx.bfloat16
+
+
+def emit(obj: dict) -> None:
+    line = json.dumps(obj)
+    print(line, flush=True)
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "lab.jsonl"), "a") as f:
+            f.write(line + "\n")
+
+
+def rel_err(a: mx.array, b: mx.array) -> float:
+    a, b = a.astype(mx.float32), b.astype(mx.float32)
+    return float(mx.linalg.norm((a - b).flatten()) / mx.linalg.norm(b.flatten()))
+
+
+def ref_norm(x: mx.array, w: mx.array | None, eps: float) -> mx.array:
+    x = x.astype(mx.float32)
+    if w is None:
+        return x
+    return x * mx.rsqrt(mx.mean(x * x, axis=-1, keepdims=True) + eps) * w.astype(mx.float32)
+
+
+def rnd(*shape: int, scale: float = 1.0) -> mx.array:
+    return (mx.random.normal(shape) * scale).astype(BF)
+
+
+def check_kernels(only_rope: bool = False) -> None:
+    eps = 1e-5
+    ck.POISON = float("nan")
+    tunes = [ck.Tuning(), ck.Tuning(8, 2, 8, 4), ck.Tuning(4, 1, 4, 2)]
+    for rows in () if only_rope else (1, 2):
+        for k, n in ((2048, 2048), (8192, 2048), (256, 512)):
+            x, w = rnd(rows, k), rnd(n, k, scale=k**-0.5)
+            nw, res = rnd(k, scale=0.5) + 1, rnd(rows, n)
+            for tune in tunes:
+                if (k // 256) % tune.ksplit:
+                    continue
+                for norm, residual in ((None, None), (nw, res)):
+                    out = ck.linear(x, w, norm=norm, eps=eps, residual=residual, tune=tune)
+                    ref = ref_norm(x, norm, eps) @ w.astype(mx.float32).T
+                    if residual is not None:
+                        ref = ref + residual.astype(mx.float32)
+                    emit(
+                        {
+                            "check": "linear",
+                            "rows": rows,
+                            "k": k,
+                            "n": n,
+                            "tune": str(tune),
+                            "norm": norm is not None,
+                            "err": rel_err(out, ref),
+                            "nan": bool(mx.isnan(out.astype(mx.float32)).any().item()),
+                        }
+                    )
+        x, g, u = rnd(rows, 2048), rnd(8192, 2048, scale=0.02), rnd(8192, 2048, scale=0.02)
+        nw = rnd(2048, scale=0.5) + 1
+        h = ref_norm(x, nw, eps)
+        gg, uu = h @ g.astype(mx.float32).T, h @ u.astype(mx.float32).T
+        for tune in (ck.Tuning(4, 1, 8), ck.Tuning(8, 1, 8, 2)):
+            out = ck.swiglu(x, g, u, norm=nw, tune=tune)
+            emit(
+                {
+                    "check": "swiglu",
+                    "rows": rows,
+                    "tune": str(tune),
+                    "err": rel_err(out, nn.silu(gg) * uu),
+                }
+            )
+        ws = [rnd(2048, 2048, scale=0.02), rnd(512, 2048, scale=0.02), rnd(512, 2048, scale=0.02)]
+        outs = ck.multi_linear(x, ws, norm=nw)
+        errs = [rel_err(o, h @ w.astype(mx.float32).T) for o, w in zip(outs, ws)]
+        emit({"check": "multi", "rows": rows, "errs": errs})
+    # Rotary epilogue against mx.fast.rope (llama3-like periods and plain base).
+    x = rnd(1, 2048)
+    nw = rnd(2048, scale=0.5) + 1
+    h = ref_norm(x, nw, eps)
+    ws = [rnd(2048, 2048, scale=0.02), rnd(512, 2048, scale=0.02), rnd(512, 2048, scale=0.02)]
+    for trad in (False, True):
+        for scale in (1.0, 0.5):
+            for pos in (0, 7, 4000):
+                periods = 500000.0 ** (mx.arange(0, 64, 2, dtype=mx.float32) / 64)
+                periods = periods * (1 + mx.random.uniform(shape=(32,)))
+                rot = ck.Rotary(
+                    periods, mx.array([pos], dtype=mx.int32), 64, scale=scale, traditional=trad
+                )
+                shapes = [(1, 32, 1, 64), (1, 8, 1, 64), (1, 8, 1, 64)]
+                outs = ck.multi_linear(x, ws, norm=nw, rope=rot, shapes=shapes)
+                refs = []
+                for w, shp in zip(ws, shapes):
+                    y = (h @ w.astype(mx.float32).T).reshape(1, 1, shp[1], 64).transpose(0, 2, 1, 3)
+                    refs.append(y)
+                refs[0] = mx.fast.rope(
+                    refs[0], 64, traditional=trad, base=None, scale=scale, offset=pos, freqs=periods
+                )
+                refs[1] = mx.fast.rope(
+                    refs[1], 64, traditional=trad, base=None, scale=scale, offset=pos, freqs=periods
+                )
+                emit(
+                    {
+                        "check": "rope",
+                        "trad": trad,
+                        "scale": scale,
+                        "pos": pos,
+                        "errs": [rel_err(o, r) for o, r in zip(outs, refs)],
+                        "shapes": [o.shape for o in outs],
+                    }
+                )
+    ck.POISON = None
+
+
+def timed(fn, reps: int) -> float:
+    """Seconds per call of ``fn()`` (which returns arrays), many calls per evaluation."""
+    mx.eval(fn())
+    mx.synchronize()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        outs = [fn() for _ in range(reps)]
+        mx.eval(outs)
+        mx.synchronize()
+        times.append((time.perf_counter() - start) / reps)
+    return statistics.median(times)
+
+
+class Rot:
+    """Cycles over distinct weight sets so repeated calls stream from memory, not L2."""
+
+    def __init__(self, make, count: int):
+        self.items = [make() for _ in range(count)]
+        mx.eval(self.items)
+        self.i = 0
+
+    def next(self):
+        self.i = (self.i + 1) % len(self.items)
+        return self.items[self.i]
+
+
+def bench_ops(tunings: list[ck.Tuning]) -> None:
+    eps = 1e-5
+    x1 = rnd(1, 2048)
+    x8 = rnd(1, 8192)
+    nw = rnd(2048) + 1
+    cases = {
+        "o 2048x2048": (lambda: rnd(2048, 2048, scale=0.02), x1, 12),
+        "gate 8192x2048": (lambda: rnd(8192, 2048, scale=0.02), x1, 8),
+        "down 2048x8192": (lambda: rnd(2048, 8192, scale=0.02), x8, 8),
+        "head 128256x2048": (lambda: rnd(128256, 2048, scale=0.02), x1, 2),
+    }
+    for name, (make, x, count) in cases.items():
+        rot = Rot(make, count)
+        nbytes = rot.items[0].nbytes
+        t = timed(lambda: x @ rot.next().T, 64)
+        emit({"bench": name, "impl": "mlx", "us": t * 1e6, "GBs": nbytes / t / 1e9})
+        for tune in tunings:
+            if rot.items[0].shape[0] % tune.rows_per_warp:
+                continue
+            t = timed(lambda: ck.linear(x, rot.next(), tune=tune), 64)
+            emit({"bench": name, "impl": str(tune), "us": t * 1e6, "GBs": nbytes / t / 1e9})
+    # Fused variants against MLX's sequence of ops (best default tuning).
+    from mlxlm_core._cuda_layers import DEFAULT_TUNINGS as tn
+
+    qkv = Rot(lambda: [rnd(2048, 2048), rnd(512, 2048), rnd(512, 2048)], 8)
+    gu = Rot(lambda: [rnd(8192, 2048), rnd(8192, 2048)], 4)
+    down = Rot(lambda: rnd(2048, 8192), 8)
+    res = rnd(1, 2048)
+
+    def mlx_qkv():
+        h = mx.fast.rms_norm(x1, nw, eps)
+        return [h @ w.T for w in qkv.next()]
+
+    def mlx_gu():
+        h = mx.fast.rms_norm(x1, nw, eps)
+        g, u = gu.next()
+        return nn.silu(h @ g.T) * (h @ u.T)
+
+    variants = {
+        "qkv+norm": (mlx_qkv, lambda: ck.multi_linear(x1, qkv.next(), norm=nw, tune=tn.qkv), 12e6),
+        "gateup+norm+silu": (
+            mlx_gu,
+            lambda: ck.swiglu(x1, *gu.next(), norm=nw, tune=tn.gate_up),
+            2 * 8192 * 2048 * 2,
+        ),
+        "down+res": (
+            lambda: res + x8 @ down.next().T,
+            lambda: ck.linear(x8, down.next(), residual=res, tune=tn.down),
+            2048 * 8192 * 2,
+        ),
+    }
+    for name, (ref, ours, nbytes) in variants.items():
+        for impl, fn in (("mlx", ref), ("ours", ours)):
+            t = timed(fn, 64)
+            emit({"bench": name, "impl": impl, "us": t * 1e6, "GBs": nbytes / t / 1e9})
+
+
+def bandwidths() -> None:
+    from bench_cuda import copy_bandwidth
+
+    emit({"copy_bandwidth_gbs_mlx": copy_bandwidth() / 1e9})
+    try:
+        import torch
+
+        a = torch.empty(1 << 29, dtype=torch.float32, device="cuda")
+        b = torch.empty_like(a)
+        best = 0.0
+        for _ in range(10):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            b.copy_(a)
+            torch.cuda.synchronize()
+            best = max(best, 2 * a.numel() * 4 / (time.perf_counter() - start))
+        emit({"copy_bandwidth_gbs_torch": best / 1e9, "card": torch.cuda.get_device_name()})
+        del a, b
+    except Exception as e:  # torch is only a second opinion
+        emit({"torch": repr(e)})
+
+
+def decode(check: bool = True) -> None:
+    from bench_cuda import LLAMA_1B, build_models, single
+    from mlxlm_core._cuda_layers import convert_decode_layers
+    from mlxlm_core.cache import make_prompt_cache
+
+    env = {k: v for k, v in os.environ.items() if k.startswith("MLX_")}
+    ours, peer = build_models(None)
+    prompt = mx.random.randint(0, LLAMA_1B["vocab_size"], (512,), key=mx.random.key(1))
+
+    def logits_after(model):
+        cache = make_prompt_cache(model)
+        mx.eval(model(prompt[None, :-1], cache=cache))
+        steps = []
+        tok = prompt[None, -1:]
+        for _ in range(3):
+            out = model(tok, cache=cache)
+            steps.append(out)
+            tok = mx.argmax(out[:, -1:], axis=-1)
+        mx.eval(steps)
+        return steps
+
+    if check:
+        base = logits_after(ours)
+        n = convert_decode_layers(ours, enabled=True)
+        fused = logits_after(ours)
+        emit({"fused_layers": n, "step_errs": [rel_err(a, b) for a, b in zip(fused, base)]})
+
+    cache = make_prompt_cache(ours)
+    mx.eval(ours(prompt[None], cache=cache))
+    tok = mx.array([[5]])
+    for fused_on in (False, True):
+        convert_decode_layers(ours, enabled=fused_on)
+        builds, steps = [], []
+        for _ in range(20):
+            start = time.perf_counter()
+            out = ours(tok, cache=cache)
+            mid = time.perf_counter()
+            mx.eval(out)
+            end = time.perf_counter()
+            builds.append(mid - start)
+            steps.append(end - start)
+        emit(
+            {
+                "env": env,
+                "fused": fused_on,
+                "build_ms": statistics.median(builds) * 1e3,
+                "sync_step_ms": statistics.median(steps) * 1e3,
+            }
+        )
+
+    rows: dict[str, list[float]] = {"peer": [], "unfused": [], "fused": []}
+    for run in range(4):
+        for name in ("peer", "unfused", "fused") if run % 2 == 0 else ("fused", "unfused", "peer"):
+            if name == "peer":
+                r = single("mlx-lm", peer, prompt, 128)
+            else:
+                convert_decode_layers(ours, enabled=name == "fused")
+                r = single("mlxlm", ours, prompt, 128)
+            if run:
+                rows[name].append(r["decode_tps"])
+    emit(
+        {
+            "env": env,
+            "decode_tps": {k: statistics.median(v) for k, v in rows.items()},
+            "runs": rows,
+        }
+    )
+
+
+def env_sweep() -> None:
+    import subprocess
+
+    configs = [
+        {"MLX_MAX_OPS_PER_BUFFER": "100", "MLX_MAX_MB_PER_BUFFER": "10000"},
+        {"MLX_MAX_OPS_PER_BUFFER": "400", "MLX_MAX_MB_PER_BUFFER": "10000"},
+        {"MLX_MAX_OPS_PER_BUFFER": "1000", "MLX_MAX_MB_PER_BUFFER": "100000"},
+    ]
+    for extra in configs:
+        env = {**os.environ, **extra}
+        subprocess.run(
+            [sys.executable, __file__, "decode-nocheck"], env=env, timeout=150, check=False
+        )
+
+
+def _cudart():
+    import ctypes
+
+    for lib in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
+        try:
+            return ctypes.CDLL(lib)
+        except OSError:
+            continue
+    return None
+
+
+def sweep_ncu() -> None:
+    """Each (shape, tuning) once between cudaProfilerStart/Stop: run under ncu for device times."""
+    from mlxlm_core._cuda_layers import DEFAULT_TUNINGS as tn
+
+    tunings = [
+        ck.Tuning(*t)
+        for t in (
+            (4, 2, 8, 1),
+            (4, 1, 8, 1),
+            (8, 2, 8, 4),
+            (8, 2, 8, 2),
+            (8, 1, 8, 4),
+            (4, 2, 8, 2),
+            (8, 4, 4, 4),
+            (4, 2, 4, 1),
+            (8, 1, 8, 2),
+        )
+    ]
+    x1, x8, nw = rnd(1, 2048), rnd(1, 8192), rnd(2048) + 1
+    res = rnd(1, 2048)
+    ops = []
+    for n, k in ((2048, 2048), (8192, 2048), (2048, 8192), (3072, 2048)):
+        w = rnd(n, k, scale=0.02)
+        x = x1 if k == 2048 else x8
+        ops.append(lambda w=w, x=x: x @ w.T)
+        for tune in tunings:
+            if (k // 256) % tune.ksplit == 0:
+                ops.append(lambda w=w, x=x, tune=tune: ck.linear(x, w, tune=tune))
+    g, u = rnd(8192, 2048, scale=0.02), rnd(8192, 2048, scale=0.02)
+    for tune in (
+        ck.Tuning(4, 1, 8),
+        ck.Tuning(8, 1, 8, 2),
+        ck.Tuning(4, 2, 4),
+        ck.Tuning(8, 1, 4, 2),
+    ):
+        ops.append(lambda tune=tune: ck.swiglu(x1, g, u, norm=nw, tune=tune))
+    ws = [rnd(2048, 2048, scale=0.02), rnd(512, 2048, scale=0.02), rnd(512, 2048, scale=0.02)]
+    rot = ck.Rotary(mx.ones(32) * 100, mx.array([5], dtype=mx.int32), 64)
+    shapes = [(1, 32, 1, 64), (1, 8, 1, 64), (1, 8, 1, 64)]
+    for tune in (tn.qkv, ck.Tuning(8, 2, 8, 2), ck.Tuning(4, 2, 4, 1)):
+        ops.append(
+            lambda tune=tune: ck.multi_linear(x1, ws, norm=nw, rope=rot, shapes=shapes, tune=tune)
+        )
+    ops.append(lambda: ck.linear(x8, rnd(2048, 8192), residual=res, tune=tn.down))
+    head = rnd(128256, 2048, scale=0.02)
+    ops.append(lambda: x1 @ head.T)
+    ops.append(lambda: ck.linear(x1, head, norm=nw))
+    for op in ops:
+        mx.eval(op())
+    mx.synchronize()
+    rt = _cudart()
+    if rt is not None:
+        rt.cudaProfilerStart()
+    for op in ops:
+        mx.eval(op())
+        mx.synchronize()
+    if rt is not None:
+        rt.cudaProfilerStop()
+
+
+def step_for_ncu() -> None:
+    """Warm up, then one decode step between cudaProfilerStart/Stop (for ncu)."""
+    import ctypes
+
+    from bench_cuda import LLAMA_1B, build_models
+    from mlxlm_core._cuda_layers import convert_decode_layers
+    from mlxlm_core.cache import make_prompt_cache
+
+    fused = sys.argv[2] == "fused"
+    ours, _ = build_models(None)
+    convert_decode_layers(ours, enabled=fused)
+    prompt = mx.random.randint(0, LLAMA_1B["vocab_size"], (64,), key=mx.random.key(1))
+    cache = make_prompt_cache(ours)
+    mx.eval(ours(prompt[None], cache=cache))
+    tok = mx.array([[5]])
+    for _ in range(5):
+        mx.eval(mx.argmax(ours(tok, cache=cache)[:, -1], axis=-1))
+    mx.synchronize()
+    rt = None
+    for lib in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
+        try:
+            rt = ctypes.CDLL(lib)
+            break
+        except OSError:
+            continue
+    if rt is not None:
+        rt.cudaProfilerStart()
+    mx.eval(mx.argmax(ours(tok, cache=cache)[:, -1], axis=-1))
+    mx.synchronize()
+    if rt is not None:
+        rt.cudaProfilerStop()
+
+
+if __name__ == "__main__":
+    what = sys.argv[1]
+    if what == "kernels":
+        check_kernels()
+    elif what == "rope":
+        check_kernels(only_rope=True)
+    elif what == "sweep":
+        tunings = [
+            ck.Tuning(*t)
+            for t in (
+                (4, 1, 8, 1),
+                (8, 2, 8, 4),
+                (8, 2, 8, 2),
+                (8, 1, 8, 4),
+                (4, 2, 8, 2),
+                (8, 4, 4, 4),
+                (4, 2, 4, 1),
+            )
+        ]
+        bench_ops([ck.DEFAULT_TUNING, *[t for t in tunings if t != ck.DEFAULT_TUNING]])
+    elif what == "decode":
+        bandwidths()
+        decode()
+    elif what == "decode-nocheck":
+        decode(check=False)
+    elif what == "envsweep":
+        env_sweep()
+    elif what == "sweepncu":
+        sweep_ncu()
+    elif what == "step":
+        step_for_ncu()
