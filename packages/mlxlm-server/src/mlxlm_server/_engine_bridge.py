@@ -265,8 +265,7 @@ class EngineBridge:
                         continue
                     responses = gen.next()
                     self._tick = time.monotonic()
-                    for r in responses:
-                        self._dispatch(slot, uids, r)
+                    _deliver([self._dispatch(slot, uids, r) for r in responses])
         except BaseException as exc:
             self._die(exc, uids)
 
@@ -339,10 +338,12 @@ class EngineBridge:
         job.uid = uid
         uids[(job.slot, uid)] = job
 
-    def _dispatch(self, slot: Slot, uids: dict[tuple[str, int], Job], r: Any) -> None:
+    def _dispatch(
+        self, slot: Slot, uids: dict[tuple[str, int], Job], r: Any
+    ) -> tuple[Job, TokenEvent] | None:
         job = uids.get((slot.name, r.uid))
         if job is None:
-            return
+            return None
         job.generated.append(r.token)
         self.generated_tokens += 1
         logprob, top = None, None
@@ -357,7 +358,7 @@ class EngineBridge:
             self.release(job)  # its slot in the queue is free even if nobody reads the rest
             if r.cache is not None and self.prefix_cache is not None:
                 self.prefix_cache.store(slot.name, job.prompt + job.generated, r.cache)
-        job.push(TokenEvent(r.token, logprob, top, r.finish_reason))
+        return job, TokenEvent(r.token, logprob, top, r.finish_reason)
 
     def _die(self, exc: BaseException, uids: dict[tuple[str, int], Job]) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"
@@ -386,3 +387,19 @@ class EngineBridge:
             slot.generator = None
         if self._loop is not None and self._dead is not None:
             self._loop.call_soon_threadsafe(self._dead.set)
+
+
+def _deliver(events: list[tuple[Job, TokenEvent] | None]) -> None:
+    """Hand a step's tokens to their handlers with one wake-up of each event loop (not one
+    per request: with many requests the wake-ups cost the loop more than the tokens)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, TokenEvent]]] = {}
+    for item in events:
+        if item is not None:
+            by_loop.setdefault(item[0].loop, []).append(item)
+    for loop, items in by_loop.items():
+        loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[Job, TokenEvent]]) -> None:
+    for job, event in items:
+        job.events.put_nowait(event)
