@@ -355,7 +355,8 @@ def sweep_ncu() -> None:
     x1, x8, nw = rnd(1, 2048), rnd(1, 8192), rnd(2048) + 1
     res = rnd(1, 2048)
     ops = []
-    for n, k in ((2048, 2048), (8192, 2048), (2048, 8192), (3072, 2048)):
+    only_multi = len(sys.argv) > 2 and sys.argv[2] == "multi"
+    for n, k in () if only_multi else ((2048, 2048), (8192, 2048), (2048, 8192), (3072, 2048)):
         w = rnd(n, k, scale=0.02)
         x = x1 if k == 2048 else x8
         ops.append(lambda w=w, x=x: x @ w.T)
@@ -373,10 +374,25 @@ def sweep_ncu() -> None:
     ws = [rnd(2048, 2048, scale=0.02), rnd(512, 2048, scale=0.02), rnd(512, 2048, scale=0.02)]
     rot = ck.Rotary(mx.ones(32) * 100, mx.array([5], dtype=mx.int32), 64)
     shapes = [(1, 32, 1, 64), (1, 8, 1, 64), (1, 8, 1, 64)]
-    for tune in (tn.qkv, ck.Tuning(8, 2, 8, 2), ck.Tuning(4, 2, 4, 1)):
-        ops.append(
-            lambda tune=tune: ck.multi_linear(x1, ws, norm=nw, rope=rot, shapes=shapes, tune=tune)
-        )
+
+    def multi(tune, rope, fast, norm):
+        def op():
+            ck.FAST_SINCOS = fast
+            return ck.multi_linear(
+                x1, ws, norm=norm, rope=rope, shapes=shapes if rope else None, tune=tune
+            )
+
+        return op
+
+    for tune in (ck.Tuning(8, 2, 8, 4), ck.Tuning(4, 2, 8, 1)):
+        ops += [
+            multi(tune, rot, True, nw),
+            multi(tune, rot, False, nw),
+            multi(tune, None, True, nw),
+            multi(tune, None, True, None),
+        ]
+        ops.append(lambda tune=tune: ck.linear(x1, ws[0], norm=nw, tune=tune))
+        ops.append(lambda tune=tune: ck.linear(x1, ws[0], tune=tune))
     ops.append(lambda: ck.linear(x8, rnd(2048, 8192), residual=res, tune=tn.down))
     head = rnd(128256, 2048, scale=0.02)
     ops.append(lambda: x1 @ head.T)

@@ -14,9 +14,14 @@ Linux CPU backend (BENCHMARKS.md, DESIGN.md §8):
   of the quantized weights makes decoding ~4x faster at ~5x the weight memory. The copy is
   kept when it fits a memory budget (``dense_budget_fraction`` of physical memory);
 - on GPU backends (CUDA, Metal) the checkpoint's dtype and MLX's quantized kernels stay,
-  as in MLX-LM; a CUDA- or Metal-specific choice belongs in ``_BACKENDS`` with its numbers.
+  as in MLX-LM; a CUDA- or Metal-specific choice belongs in ``_BACKENDS`` with its numbers;
+- on CUDA, decoding one sequence is bound by MLX's per-operation host cost (~5 us each,
+  ~450 per Llama-3.2-1B step) more than by memory: llama-style blocks in bfloat16/float16
+  switch to fused one-row kernels (:mod:`._cuda_layers`, ~9 operations per block instead
+  of ~25) - ``decode_kernels="fused"``. Prompts and batches keep MLX's matmuls.
 
-Overrides: ``load(..., dtype=..., weight_mode=...)``, the CLI's ``--dtype`` / ``--weight-mode``.
+Overrides: ``load(..., dtype=..., weight_mode=...)``, the CLI's ``--dtype`` / ``--weight-mode``,
+``choose_policy(decode_kernels="mlx")``.
 ``mlxlm generate --verbose`` prints :meth:`ExecutionPolicy.describe`.
 """
 
@@ -30,10 +35,12 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ._blas import blas_info
-from ._errors import InvalidArgumentError
+from ._cuda_env import configure_graph_limits
+from ._errors import InvalidArgumentError, UnsupportedError
 from ._policy_layers import convert_quantized_layers, dense_bytes, dense_copies
 
 __all__ = [
+    "DECODE_KERNELS",
     "DTYPES",
     "WEIGHT_MODES",
     "ExecutionPolicy",
@@ -44,6 +51,9 @@ __all__ = [
     "prefill_step_for",
 ]
 
+# Before MLX's first CUDA kernel: the limits are read once per process (see _cuda_env).
+configure_graph_limits()
+
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 # How quantized weights are multiplied:
@@ -52,6 +62,9 @@ DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 #   dense      a resident float copy beside the packed weights; every product is a float matmul
 WEIGHT_MODES = ("auto", "native", "quantized", "dense")
 
+# How one-row decode steps run: "mlx" (MLX's ops, as MLX-LM) or "fused" (CUDA kernels of ours)
+DECODE_KERNELS = ("auto", "mlx", "fused")
+
 
 @dataclass(frozen=True)
 class _BackendDefaults:
@@ -59,12 +72,13 @@ class _BackendDefaults:
     weight_mode: str  # the weight mode when no memory or BLAS condition applies
     dequantize_rows: int | None
     prefill_step_size: int
+    decode_kernels: str = "mlx"
 
 
-# Per backend. CPU numbers: BENCHMARKS.md. GPU rows keep MLX-LM's choices until measured.
+# Per backend. CPU and CUDA numbers: BENCHMARKS.md. Metal keeps MLX-LM's choices until measured.
 _BACKENDS = {
     "cpu": _BackendDefaults("float32", "dense", 2, 512),
-    "cuda": _BackendDefaults(None, "native", None, 2048),
+    "cuda": _BackendDefaults(None, "native", None, 2048, decode_kernels="fused"),
     "metal": _BackendDefaults(None, "native", None, 2048),
 }
 
@@ -84,6 +98,8 @@ class ExecutionPolicy:
     blas: str  # what serves float32 matmuls on the CPU
     reason: str
     dense_bytes: int = 0  # memory of the dense copies, once applied
+    decode_kernels: str = "mlx"  # "mlx" or "fused" (see DECODE_KERNELS)
+    fused_layers: int = 0  # blocks running the fused kernels, once applied
 
     def describe(self) -> str:
         dtype = self.dtype or "checkpoint dtype"
@@ -92,9 +108,13 @@ class ExecutionPolicy:
             mode += f" (dequantized on the fly for >= {self.dequantize_rows} rows)"
         if self.weight_mode == "dense" and self.dense_bytes:
             mode += f" (+{self.dense_bytes / 1e6:.0f} MB float copy)"
+        decode = self.decode_kernels
+        if decode == "fused":
+            decode += f" ({self.fused_layers} blocks)"
         return (
             f"backend={self.backend} dtype={dtype} weight_mode={mode} "
-            f"prefill_step={self.prefill_step_size} blas={self.blas} [{self.reason}]"
+            f"prefill_step={self.prefill_step_size} decode={decode} blas={self.blas} "
+            f"[{self.reason}]"
         )
 
 
@@ -120,9 +140,14 @@ def _physical_memory() -> int | None:
 
 
 def choose_policy(
-    dtype: str = "auto", weight_mode: str = "auto", *, model: nn.Module | None = None
+    dtype: str = "auto",
+    weight_mode: str = "auto",
+    *,
+    model: nn.Module | None = None,
+    decode_kernels: str = "auto",
 ) -> ExecutionPolicy:
-    """``auto`` picks per backend; an explicit dtype (or ``keep``) or weight mode overrides it.
+    """``auto`` picks per backend; an explicit dtype (or ``keep``), weight mode or decode
+    kernel choice overrides it.
 
     ``model`` (quantized layers still packed) sizes the dense copy against the memory budget.
     """
@@ -132,8 +157,15 @@ def choose_policy(
         raise InvalidArgumentError(
             f"weight_mode must be one of {', '.join(WEIGHT_MODES)}; got {weight_mode!r}"
         )
+    if decode_kernels not in DECODE_KERNELS:
+        raise InvalidArgumentError(
+            f"decode_kernels must be one of {', '.join(DECODE_KERNELS)}; got {decode_kernels!r}"
+        )
     backend = current_backend()
     defaults = _BACKENDS[backend]
+    decode = defaults.decode_kernels if decode_kernels == "auto" else decode_kernels
+    if decode == "fused" and backend != "cuda":
+        raise UnsupportedError(f"decode_kernels='fused' needs the CUDA backend, not {backend}")
     blas = blas_info()
     reasons = []
     if dtype == "auto":
@@ -159,6 +191,7 @@ def choose_policy(
         prefill_step_size=defaults.prefill_step_size,
         blas=blas.name,
         reason="; ".join(reasons) or "backend defaults",
+        decode_kernels=decode,
     )
 
 
@@ -206,4 +239,7 @@ def apply_policy(model: nn.Module, policy: ExecutionPolicy) -> ExecutionPolicy:
     dense = policy.weight_mode == "dense"
     convert_quantized_layers(model, dense=dense, dequantize_rows=policy.dequantize_rows)
     total = sum(c.nbytes for c in dense_copies(model))
-    return ExecutionPolicy(**{**policy.__dict__, "dense_bytes": total})
+    from ._cuda_layers import convert_decode_layers  # imports the model zoo: not at import
+
+    fused = convert_decode_layers(model, enabled=policy.decode_kernels == "fused")
+    return ExecutionPolicy(**{**policy.__dict__, "dense_bytes": total, "fused_layers": fused})
