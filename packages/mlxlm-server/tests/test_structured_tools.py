@@ -282,6 +282,12 @@ def test_required_tool_calls_streamed_and_not(client: Any, seed: int, parallel: 
     assert [c.finish_reason for ch in chunks for c in ch.choices if c.finish_reason] == [
         "tool_calls"
     ]
+    # The SDK's own accumulator (it merges deltas key by key) rebuilds the same calls.
+    with client.beta.chat.completions.stream(**kw) as s:
+        final = s.get_final_completion().choices[0].message.tool_calls
+    assert [(c.function.name, c.function.arguments) for c in final] == [
+        (c.function.name, c.function.arguments) for c in choice.message.tool_calls
+    ]
 
 
 def test_named_tool_choice_and_none(client: Any) -> None:

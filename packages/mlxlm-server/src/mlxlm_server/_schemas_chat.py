@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
 from ._schemas_common import (
     Request,
@@ -120,19 +120,28 @@ class ChatCompletion(Response):
     system_fingerprint: str | None = None
 
 
-class FunctionDelta(BaseModel):
+class _Sparse(BaseModel):
+    """A delta sends only what it carries, as OpenAI's do: clients (the openai SDK's stream
+    helpers among them) merge deltas key by key, and a null would overwrite a value."""
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class FunctionDelta(_Sparse):
     name: str | None = None
     arguments: str | None = None
 
 
-class ToolCallDelta(BaseModel):
+class ToolCallDelta(_Sparse):
     index: int
     id: str | None = None
     type: Literal["function"] | None = None
     function: FunctionDelta
 
 
-class Delta(BaseModel):
+class Delta(_Sparse):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
