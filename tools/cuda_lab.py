@@ -418,8 +418,8 @@ def step_for_ncu() -> None:
     from mlxlm_core._cuda_layers import convert_decode_layers
     from mlxlm_core.cache import make_prompt_cache
 
-    fused = sys.argv[2] == "fused"
-    ours, _ = build_models(None)
+    fused = sys.argv[2].startswith("fused")
+    ours, _ = build_models(4 if sys.argv[2].endswith("q4") else None)
     convert_decode_layers(ours, enabled=fused)
     prompt = mx.random.randint(0, LLAMA_1B["vocab_size"], (64,), key=mx.random.key(1))
     cache = make_prompt_cache(ours)

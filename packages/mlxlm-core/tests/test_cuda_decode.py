@@ -99,10 +99,39 @@ def test_blocks_the_kernels_do_not_reproduce_stay(model_type: str, overrides: di
     assert not any(eligible(layer) for layer in model.layers)
 
 
-def test_quantized_blocks_stay() -> None:
+def test_4bit_blocks_switch_other_quantizations_stay() -> None:
     model = _model()
     quantize_model(model, bits=4, group_size=64)
+    assert convert_decode_layers(model, enabled=True) == 2
+    model = _model()
+    quantize_model(model, bits=8, group_size=64)
     assert convert_decode_layers(model, enabled=True) == 0
+    model = _model()  # one projection left dense: the block's formats differ
+    quantize_model(model, bits=4, group_size=64)
+    model.layers[0].mlp.down_proj = nn.Linear(512, 256, bias=False)
+    assert convert_decode_layers(model, enabled=True) == 1
+
+
+def test_native_mode_keeps_mlx_quantized_classes() -> None:
+    """No policy subclass (and its per-call Python) where it would change nothing."""
+    model = _model(dtype=mx.float32)
+    quantize_model(model, bits=4, group_size=64)
+    apply_policy(model, choose_policy("keep", "quantized"))
+    assert type(model.layers[0].mlp.up_proj) is not nn.QuantizedLinear
+    apply_policy(model, choose_policy("keep", "native", decode_kernels="mlx"))
+    assert type(model.layers[0].mlp.up_proj) is nn.QuantizedLinear
+    assert type(model.model.embed_tokens) is nn.QuantizedEmbedding
+
+
+def test_rope_positions_are_derived_on_the_device() -> None:
+    from mlxlm_core._cuda_layers import _offset_array
+
+    first = _offset_array(40)
+    assert _offset_array(40) is first
+    following = [_offset_array(p) for p in (41, 42)]
+    restart = _offset_array(7)
+    assert [a.item() for a in (first, *following, restart)] == [40, 41, 42, 7]
+    assert _offset_array(mx.array([3, 5])).tolist() == [3]
 
 
 def _decode_logits(model: nn.Module, steps: int = 3) -> list[mx.array]:
@@ -157,14 +186,21 @@ def test_graph_limits_only_with_cuda_and_never_over_the_users() -> None:
 
 
 def test_kernel_variants_declare_their_inputs() -> None:
-    names, outs, body = ck._source("multi", 3, True, False, 1e-5, None)
+    from mlxlm_core._cuda_kernel_source import kernel_source
+
+    def source(kind, n, **kw):
+        opts = {"quant_group": None, "norm": False, "residual": False, "eps": 1e-5, "rope": None}
+        return kernel_source(kind, n, **{**opts, **kw})
+
+    names, outs, body = source("multi", 3, norm=True)
     assert names == ["x", "w0", "w1", "w2", "norm"] and outs == ["out0", "out1", "out2"]
     assert "#define EPS 1e-05f" in body
-    rope = ck.Rotary(mx.ones(32), mx.array([0], dtype=mx.int32), 64)
-    names, _, body = ck._source("multi", 3, True, False, 1e-5, rope)
+    names, _, body = source("multi", 3, norm=True, rope=(False, 2, 1.0))
     assert names[-2:] == ["periods", "offset"] and "__sincosf" in body
-    names, outs, _ = ck._source("linear", 1, False, True, 1e-5, None)
+    names, outs, _ = source("linear", 1, residual=True)
     assert names == ["x", "w0", "res"] and outs == ["out"]
+    names, _, body = source("swiglu", 2, quant_group=64)
+    assert names == ["x", "w0", "s0", "b0", "w1", "s1", "b1"] and "mlxlm_q4" in body
 
 
 # -- kernels and the fused model (CUDA only) ------------------------------------------------
@@ -239,17 +275,58 @@ def test_qkv_with_rotary_matches_mlx_rope(traditional: bool, position: int, pois
         assert _rel(out, ref) < 1e-2
 
 
+def _q4(n: int, k: int, group: int = 64) -> tuple[ck.Q4, mx.array]:
+    """A random 4-bit weight and its float32 dequantized value (the reference)."""
+    w = mx.random.normal((n, k)) * 0.05
+    packed, scales, biases = mx.quantize(w.astype(mx.bfloat16), group_size=group, bits=4)
+    dense = mx.dequantize(packed, scales, biases, group_size=group, bits=4)
+    return ck.Q4(packed, scales, biases, group), dense.astype(mx.float32)
+
+
 @needs_cuda
-def test_fused_decode_matches_mlx_lm() -> None:
-    """The policy's fused model against MLX-LM's llama on the same bfloat16 weights."""
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_4bit_kernels_match_dequantized_float32(group: int, poisoned) -> None:
+    for k, n, tune in ((2048, 512, ck.Tuning(8, 2, 8, 4)), (4096, 256, ck.Tuning(4, 1, 8, 1))):
+        w, dense = _q4(n, k, group)
+        x = mx.random.normal((1, k)).astype(mx.bfloat16)
+        norm = (mx.random.normal((k,)) * 0.5 + 1).astype(mx.bfloat16)
+        res = mx.random.normal((1, n)).astype(mx.bfloat16)
+        out = ck.linear(x, w, norm=norm, residual=res, tune=tune)
+        assert _rel(out, _normed(x, norm) @ dense.T + res.astype(mx.float32)) < 1e-2
+    (gate, g_ref), (up, u_ref) = _q4(512, 1024, group), _q4(512, 1024, group)
+    x = mx.random.normal((2, 1024)).astype(mx.bfloat16)
+    ref = nn.silu(_normed(x, norm[:1024]) @ g_ref.T) * (_normed(x, norm[:1024]) @ u_ref.T)
+    assert _rel(ck.swiglu(x, gate, up, norm=norm[:1024], tune=ck.Tuning(4, 1)), ref) < 1e-2
+    ws = [_q4(n, 1024, group) for n in (512, 256, 256)]
+    rot = ck.Rotary(10000.0 ** (mx.arange(0, 64, 2) / 64), mx.array([33], dtype=mx.int32), 64)
+    shapes = [(1, 8, 1, 64), (1, 4, 1, 64), (1, 4, 1, 64)]
+    x = x[:1]
+    outs = ck.multi_linear(x, [w for w, _ in ws], norm=norm[:1024], rope=rot, shapes=shapes)
+    h = _normed(x, norm[:1024])
+    for i, (out, (_, dense), shape) in enumerate(zip(outs, ws, shapes, strict=True)):
+        ref = (h @ dense.T).reshape(1, 1, shape[1], 64).transpose(0, 2, 1, 3)
+        if i < 2:
+            ref = mx.fast.rope(
+                ref, 64, traditional=False, base=None, scale=1.0, offset=33, freqs=rot.periods
+            )
+        assert _rel(out, ref) < 1e-2
+
+
+@needs_cuda
+@pytest.mark.parametrize("bits", [None, 4])
+def test_fused_decode_matches_mlx_lm(bits: int | None) -> None:
+    """The policy's fused model against MLX-LM's llama on the same weights, bf16 and 4-bit."""
     from mlx_lm.models import llama as peer_llama
+    from mlx_lm.models.cache import make_prompt_cache as peer_cache
 
     ours = _model()
     peer = peer_llama.Model(peer_llama.ModelArgs.from_dict(CONFIG))
+    if bits:
+        quantize_model(ours, bits=bits, group_size=64)
+        nn.quantize(peer, group_size=64, bits=bits)
     peer.load_weights(list(tree_flatten(ours.parameters())))
     policy = apply_policy(ours, choose_policy())
     assert policy.decode_kernels == "fused" and policy.fused_layers == 2
-    from mlx_lm.models.cache import make_prompt_cache as peer_cache
 
     def run(model, cache):
         outs = [model(mx.array([[5, 17, 42, 8, 99, 3]]), cache=cache)]
@@ -259,5 +336,6 @@ def test_fused_decode_matches_mlx_lm() -> None:
         return outs
 
     mine, theirs = run(ours, make_prompt_cache(ours)), run(peer, peer_cache(peer))
+    assert all(layer._checked[1] is not None for layer in ours.layers)  # the fused path ran
     for a, b in zip(mine, theirs, strict=True):
         assert _rel(a, b) < 3e-2

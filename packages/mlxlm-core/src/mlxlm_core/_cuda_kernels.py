@@ -2,9 +2,9 @@
 
 Why: decoding one token at a time is bound by how fast the weights stream from memory and,
 on MLX's CUDA backend, by the host cost of every operation (~5 us each, measured on an
-H200: a Llama-3.2-1B step is ~450 operations). These kernels stream weights with 16-byte
-loads, many in flight per lane, optionally split each row's dot product over several warps
-of a block, and fold the neighbouring elementwise work into the same launch:
+H200; a Llama-3.2-1B step is ~450 operations). These kernels stream the weights with
+16-byte loads, many in flight per lane, optionally split each row's dot product over several
+warps of a block, and fold the neighbouring elementwise work into the same launch:
 
 - ``linear(x, w, norm=, residual=)``: ``residual + rms_norm(x, norm) @ w.T`` (both optional).
   The norm is fused by scaling each dot product afterwards by ``rsqrt(mean(x**2) + eps)``;
@@ -13,23 +13,29 @@ of a block, and fold the neighbouring elementwise work into the same launch:
   launch, one output each (the weights stay separate arrays: no concatenated copy), with
   rotary embeddings applied to the leading outputs in the epilogue.
 
-Accumulation is float32; inputs and outputs are the weights' dtype (bfloat16 or float16).
-``x`` holds ``rows`` (<= :data:`MAX_ROWS`) rows of ``K`` features, ``K`` a multiple of 256.
+Weights are bfloat16/float16 arrays or :class:`Q4` (MLX's affine 4-bit packing, as in
+``nn.QuantizedLinear``). Accumulation is float32; activations and outputs keep ``x``'s dtype.
+``x`` holds ``rows`` (<= :data:`MAX_ROWS`) rows of ``K`` features, ``K`` a multiple of 256
+(1024 for 4-bit weights). The CUDA source is in :mod:`._cuda_kernel_source`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
 
+from ._cuda_kernel_source import HEADER, kernel_source
+
 __all__ = [
-    "CHUNK",
     "MAX_ROWS",
+    "Q4",
     "Rotary",
     "Tuning",
+    "in_features",
     "linear",
     "multi_linear",
     "supported",
@@ -37,7 +43,7 @@ __all__ = [
 ]
 
 MAX_ROWS = 4  # activation rows one launch handles (decoding a batch of one has 1)
-CHUNK = 256  # features one warp covers per step: 32 lanes x 8 elements (16 bytes)
+Q4_GROUPS = (32, 64, 128)
 
 
 @dataclass(frozen=True)
@@ -45,10 +51,10 @@ class Tuning:
     """Launch shape.
 
     ``warps`` per block; ``rows_per_warp`` weight rows each warp accumulates; ``unroll``
-    steps of 256 features whose loads are all issued before any arithmetic (so
-    ``unroll * rows_per_warp`` 16-byte loads per lane are in flight); ``ksplit`` warps
-    sharing one row group's dot products, each over ``K / ksplit`` features, summed through
-    shared memory (more warps, hence loads, in flight for matrices with few rows).
+    steps (16 bytes of weights per lane each) whose loads are all issued before any
+    arithmetic; ``ksplit`` warps sharing one row group's dot products, each over a slice of
+    ``K``, summed through shared memory (more loads in flight for matrices with few rows;
+    lowered to a divisor of the number of steps when ``K`` is short).
     """
 
     warps: int = 4
@@ -61,12 +67,36 @@ DEFAULT_TUNING = Tuning()
 
 
 @dataclass(frozen=True)
+class Q4:
+    """A 4-bit affine-quantized weight: ``(N, K / 8)`` uint32 plus ``(N, K / group)`` scales
+    and biases (``w = scale * q + bias``), as ``nn.QuantizedLinear`` stores it."""
+
+    weight: mx.array
+    scales: mx.array
+    biases: mx.array
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.weight.shape[0], self.weight.shape[1] * 8)
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.scales.dtype
+
+
+Weight = mx.array | Q4
+
+
+@dataclass(frozen=True)
 class Rotary:
     """Rotary embedding applied by :func:`multi_linear` to its first ``count`` outputs.
 
     ``periods``: float32 ``(head_dim / 2,)``, the angle of pair ``j`` at position ``p`` being
     ``scale * p / periods[j]`` (what ``mx.fast.rope`` computes from ``base`` or ``freqs``);
-    ``offset``: int32 scalar array, the position of the (single) row.
+    ``offset``: int32 ``(1,)`` array, the position of the (single) row. It should be made on
+    the device (see ``_cuda_layers``): an array written by the host is migrated to the GPU
+    when the kernel reads it, which once cost ~15 us per launch.
     """
 
     periods: mx.array
@@ -77,295 +107,46 @@ class Rotary:
     count: int = 2
 
 
-_HEADER = """
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-__device__ __forceinline__ void mlxlm_unpack8(const uint4& v, float* f, const __nv_bfloat16*) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float2 t = __bfloat1622float2(h[i]);
-    f[2 * i] = t.x;
-    f[2 * i + 1] = t.y;
-  }
-}
-
-__device__ __forceinline__ void mlxlm_unpack8(const uint4& v, float* f, const __half*) {
-  const __half2* h = reinterpret_cast<const __half2*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float2 t = __half22float2(h[i]);
-    f[2 * i] = t.x;
-    f[2 * i + 1] = t.y;
-  }
-}
-
-__device__ __forceinline__ float mlxlm_warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-"""
-
-# Shared by every variant. Placeholders filled per variant:
-#   SELECT    picks the weight matrix / output of this row group (multi) and its row numbers
-#   W_PTR(j)  weight matrix j of the group (two for swiglu)
-#   NORM_LOAD loads 8 norm weights into nf (or nothing)
-#   EPILOGUE  writes the group's results (acc already scaled by the norm)
-_BODY = """
-  constexpr int STEPS = K / 256;
-  constexpr int GROUPS = WARPS / KS;
-  constexpr int KSTEPS = STEPS / KS;
-  constexpr int U = KSTEPS < UNROLL ? KSTEPS : UNROLL;
-  const int lane = threadIdx.x & 31;
-  const int wib = threadIdx.x >> 5;
-  const int kpart = wib % KS;
-  int row0 = (blockIdx.x * GROUPS + wib / KS) * R;
-  const bool active = row0 < N_TOTAL;
-  int prow[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) prow[r] = row0 + r;
-  SELECT
-  float acc[NW][R][M];
-  float ss[M];
-#pragma unroll
-  for (int m = 0; m < M; ++m) {
-    ss[m] = 0.f;
-#pragma unroll
-    for (int j = 0; j < NW; ++j)
-#pragma unroll
-      for (int r = 0; r < R; ++r) acc[j][r][m] = 0.f;
-  }
-  if (active) {
-#pragma unroll 1
-    for (int s0 = kpart * KSTEPS; s0 < (kpart + 1) * KSTEPS; s0 += U) {
-      uint4 wv[U][NW][R];
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-#pragma unroll
-        for (int j = 0; j < NW; ++j)
-#pragma unroll
-          for (int r = 0; r < R; ++r)
-            wv[u][j][r] = __ldcs(reinterpret_cast<const uint4*>(
-                W_PTR(j) + (size_t)prow[r] * K + (s0 + u) * 256 + lane * 8));
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int k = (s0 + u) * 256 + lane * 8;
-        float nf[8];
-        NORM_LOAD
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-          float xf[8];
-          mlxlm_unpack8(*reinterpret_cast<const uint4*>(x + m * K + k), xf, x);
-          if (HAS_NORM) {
-#pragma unroll
-            for (int e = 0; e < 8; ++e) {
-              ss[m] += xf[e] * xf[e];
-              xf[e] *= nf[e];
-            }
-          }
-#pragma unroll
-          for (int j = 0; j < NW; ++j)
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-              float wf[8];
-              mlxlm_unpack8(wv[u][j][r], wf, x);
-#pragma unroll
-              for (int e = 0; e < 8; ++e) acc[j][r][m] += wf[e] * xf[e];
-            }
-        }
-      }
-    }
-  }
-#pragma unroll
-  for (int m = 0; m < M; ++m) {
-    ss[m] = mlxlm_warp_sum(ss[m]);
-#pragma unroll
-    for (int j = 0; j < NW; ++j)
-#pragma unroll
-      for (int r = 0; r < R; ++r) acc[j][r][m] = mlxlm_warp_sum(acc[j][r][m]);
-  }
-  if (KS > 1) {
-    constexpr int SLOTS = NW * R * M + M;
-    __shared__ float red[WARPS][SLOTS];
-    if (lane == 0) {
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        red[wib][NW * R * M + m] = ss[m];
-#pragma unroll
-        for (int j = 0; j < NW; ++j)
-#pragma unroll
-          for (int r = 0; r < R; ++r) red[wib][(j * R + r) * M + m] = acc[j][r][m];
-      }
-    }
-    __syncthreads();
-    if (kpart != 0) return;
-#pragma unroll
-    for (int p = 1; p < KS; ++p)
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        ss[m] += red[wib + p][NW * R * M + m];
-#pragma unroll
-        for (int j = 0; j < NW; ++j)
-#pragma unroll
-          for (int r = 0; r < R; ++r) acc[j][r][m] += red[wib + p][(j * R + r) * M + m];
-      }
-  }
-  if (!active || lane != 0) return;
-#pragma unroll
-  for (int m = 0; m < M; ++m) {
-    const float scale = HAS_NORM ? rsqrtf(ss[m] / K + EPS) : 1.f;
-#pragma unroll
-    for (int j = 0; j < NW; ++j)
-#pragma unroll
-      for (int r = 0; r < R; ++r) acc[j][r][m] *= scale;
-  }
-  EPILOGUE
-"""
-
-# multi: renumber rows within the matrix they fall in; rotated matrices take their rows in
-# rotation pairs (j, j + head_dim / 2) so that one group holds both halves of a pair.
-_STORE = """
-#pragma unroll
-      for (int r = 0; r < R; ++r) osel[m * nsel + prow[r]] = static_cast<T>(acc[0][r][m]);
-"""
-_ROTATE = """
-    if (roped) {
-      const int j = TRAD ? (prow[0] % HD) / 2 : prow[0] % HD;
-      const float theta = ROPE_SCALE * (float)(offset[0] + m) / periods[j];
-      float sn, cs;
-      SINCOS
-      const float a = acc[0][0][m], b = acc[0][1][m];
-      osel[m * nsel + prow[0]] = static_cast<T>(a * cs - b * sn);
-      osel[m * nsel + prow[1]] = static_cast<T>(a * sn + b * cs);
-      continue;
-    }
-"""
-
-
-# Angles reach ~1e5 rad (position / period): reduced to [-pi, pi] with a two-part 2*pi, then
-# the fast intrinsic (~2**-21 absolute error there); ``sincosf``'s slow path for large
-# arguments is the alternative.
-_SINCOS_FAST = (
-    "const float turns = rintf(theta * 0.15915494309189535f);"
-    " float red = fmaf(-turns, 6.28318548202514648f, theta);"
-    " red = fmaf(turns, 1.7484555314695172e-7f, red);"
-    " __sincosf(red, &sn, &cs);"
-)
-_SINCOS_PRECISE = "sincosf(theta, &sn, &cs);"
-FAST_SINCOS = True
-
-
-def _multi_epilogue(rope: Rotary | None) -> str:
-    rotate = ""
-    if rope is not None:
-        rotate = _ROTATE.replace("SINCOS", _SINCOS_FAST if FAST_SINCOS else _SINCOS_PRECISE)
-    return f"#pragma unroll\n  for (int m = 0; m < M; ++m) {{{rotate}{_STORE}  }}\n"
-
-
 _kernels: dict[tuple, object] = {}
 
 # Tests set this to NaN so that an output element the kernel fails to write shows up.
 POISON: float | None = None
 
 
-def supported(x: mx.array, *weights: mx.array) -> bool:
+def in_features(w: Weight) -> int:
+    return w.shape[1]
+
+
+def supported(x: mx.array, *weights: Weight) -> bool:
     """Whether these kernels can take ``x @ w.T`` for every ``w`` (else use MLX's matmul)."""
     if x.dtype not in (mx.bfloat16, mx.float16) or not weights:
         return False
-    k = weights[0].shape[-1]
-    if k % CHUNK or x.size % k or not 1 <= x.size // k <= MAX_ROWS:
+    k = in_features(weights[0])
+    quant = isinstance(weights[0], Q4)
+    if k % (1024 if quant else 256) or x.size % k or not 1 <= x.size // k <= MAX_ROWS:
         return False
-    return all(w.ndim == 2 and w.shape[1] == k and w.dtype == x.dtype for w in weights)
+    for w in weights:
+        if isinstance(w, Q4) != quant or in_features(w) != k or w.dtype != x.dtype:
+            return False
+        if isinstance(w, Q4) and (w.group_size not in Q4_GROUPS or w.weight.dtype != mx.uint32):
+            return False
+    return all(weights[0].group_size == w.group_size for w in weights) if quant else True
 
 
-def _multi_select(n_weights: int, rope: Rotary | None) -> str:
-    lines = ["const T* wsel = w0; T* osel = out0; int nsel = N0; int msel = 0;"]
-    for i in range(1, n_weights):
-        lines.append(
-            f"if (row0 >= nsel) {{ row0 -= nsel; wsel = w{i}; osel = out{i}; nsel = N{i};"
-            f" msel = {i}; }}"
-        )
-    lines.append("for (int r = 0; r < R; ++r) prow[r] = row0 + r;")
-    if rope is not None:
-        lines.append(f"const bool roped = msel < {rope.count};")
-        if not rope.traditional:
-            lines.append(
-                "if (roped) { const int lr = row0 / 2; const int base = (lr / (HD / 2)) * HD"
-                " + lr % (HD / 2); prow[0] = base; prow[1] = base + HD / 2; }"
-            )
-    return "\n  ".join(lines)
-
-
-def _source(
-    kind: str, n_weights: int, has_norm: bool, has_res: bool, eps: float, rope: Rotary | None
-) -> tuple[list[str], list[str], str]:
-    """Input names, output names and body of one variant."""
-    names = ["x"] + [f"w{i}" for i in range(n_weights)]
-    if has_norm:
-        names.append("norm")
-    if has_res:
-        names.append("res")
-    if rope is not None:
-        names += ["periods", "offset"]
-    if kind == "multi":
-        outs = [f"out{i}" for i in range(n_weights)]
-        select, w_ptr, nw = _multi_select(n_weights, rope), "wsel", 1
-        epilogue = _multi_epilogue(rope)
-    elif kind == "swiglu":
-        outs, select, w_ptr, nw = ["out"], "", "(j == 0 ? w0 : w1)", 2
-        epilogue = (
-            "for (int r = 0; r < R; ++r) for (int m = 0; m < M; ++m) {"
-            " const float g = acc[0][r][m], u = acc[1][r][m];"
-            " out[m * N_TOTAL + prow[r]] = static_cast<T>(g / (1.f + __expf(-g)) * u); }"
-        )
-    else:
-        outs, select, w_ptr, nw = ["out"], "", "w0", 1
-        val = "acc[0][r][m]"
-        if has_res:
-            val = f"static_cast<float>(res[m * N_TOTAL + prow[r]]) + {val}"
-        epilogue = (
-            "for (int r = 0; r < R; ++r) for (int m = 0; m < M; ++m)"
-            f" out[m * N_TOTAL + prow[r]] = static_cast<T>({val});"
-        )
-    norm_load = (
-        "mlxlm_unpack8(*reinterpret_cast<const uint4*>(norm + k), nf, norm);" if has_norm else ""
-    )
-    body = (
-        _BODY.replace("SELECT", select)
-        .replace("W_PTR(j)", w_ptr)
-        .replace("NORM_LOAD", norm_load)
-        .replace("EPILOGUE", epilogue)
-    )
-    defines = {
-        "NW": str(nw),
-        "HAS_NORM": str(int(has_norm)),
-        "EPS": f"{float(eps)!r}f" if has_norm else "0.f",
-        "ROPE": str(int(rope is not None)),
-        "TRAD": str(int(rope is not None and rope.traditional)),
-        "ROPE_SCALE": f"{float(rope.scale)!r}f" if rope is not None else "1.f",
-    }
-    head = "".join(f"#define {k} {v}\n" for k, v in defines.items())
-    tail = "".join(f"\n#undef {k}" for k in defines)
-    return names, outs, head + body + tail + "\n"
-
-
-def _kernel(
-    kind: str, n_weights: int, has_norm: bool, has_res: bool, eps: float, rope: Rotary | None
-):
-    rope_key = (rope.scale, rope.traditional, rope.count, FAST_SINCOS) if rope else None
-    key = (kind, n_weights, has_norm, has_res, float(eps) if has_norm else 0.0, rope_key)
+def _kernel(kind: str, n_weights: int, group: int | None, norm: bool, res: bool, eps: float, rope):
+    key = (kind, n_weights, group, norm, res, float(eps) if norm else 0.0, rope)
     if key not in _kernels:
-        names, outs, body = _source(kind, n_weights, has_norm, has_res, eps, rope)
-        # The JIT cache is keyed by name: the name must tell every source apart.
+        names, outs, body = kernel_source(
+            kind, n_weights, quant_group=group, norm=norm, residual=res, eps=eps, rope=rope
+        )
+        # MLX's JIT cache is keyed by name: the name must tell every source apart.
         digest = hashlib.sha1(body.encode()).hexdigest()[:12]
         _kernels[key] = mx.fast.cuda_kernel(
             name=f"mlxlm_{kind}{n_weights}_{digest}",
             input_names=names,
             output_names=outs,
             source=body,
-            header=_HEADER,
+            header=HEADER,
         )
     return _kernels[key]
 
@@ -373,7 +154,7 @@ def _kernel(
 def _launch(
     kind: str,
     x: mx.array,
-    weights: Sequence[mx.array],
+    weights: Sequence[Weight],
     *,
     norm: mx.array | None,
     eps: float,
@@ -382,23 +163,29 @@ def _launch(
     shapes: list[tuple[int, ...]],
     tune: Tuning,
 ) -> list[mx.array]:
-    k = weights[0].shape[1]
+    k = in_features(weights[0])
     rows = x.size // k
     n_out = [w.shape[0] for w in weights]
     per_warp = tune.rows_per_warp
     if any(n % per_warp for n in n_out):
         raise ValueError(f"output sizes {n_out} must be multiples of {per_warp}")
-    if (k // CHUNK) % tune.ksplit or tune.warps % tune.ksplit:
-        raise ValueError(f"ksplit {tune.ksplit} must divide {tune.warps} warps and K / 256")
+    if tune.warps % tune.ksplit:
+        raise ValueError(f"ksplit {tune.ksplit} must divide {tune.warps} warps")
     if rope is not None and (per_warp != 2 or rows != 1):
         raise ValueError("rotary outputs need 2 rows per warp and a single input row")
+    group = weights[0].group_size if isinstance(weights[0], Q4) else None
+    steps = k // (1024 if group else 256)
+    ksplit = math.gcd(tune.ksplit, steps)
     total = n_out[0] if kind == "swiglu" else sum(n_out)
-    kernel = _kernel(kind, len(weights), norm is not None, residual is not None, eps, rope)
-    inputs = [x, *weights]
-    if norm is not None:
-        inputs.append(norm)
-    if residual is not None:
-        inputs.append(residual)
+    rope_key = (rope.traditional, rope.count, rope.scale) if rope is not None else None
+    kernel = _kernel(
+        kind, len(weights), group, norm is not None, residual is not None, eps, rope_key
+    )
+    inputs = [x]
+    for w in weights:
+        inputs += [w.weight, w.scales, w.biases] if isinstance(w, Q4) else [w]
+    inputs += [norm] if norm is not None else []
+    inputs += [residual] if residual is not None else []
     template: list[tuple[str, object]] = [
         ("T", x.dtype),
         ("K", k),
@@ -406,7 +193,7 @@ def _launch(
         ("R", per_warp),
         ("N_TOTAL", total),
         ("WARPS", tune.warps),
-        ("KS", tune.ksplit),
+        ("KS", ksplit),
         ("UNROLL", tune.unroll),
     ]
     if kind == "multi":
@@ -414,7 +201,9 @@ def _launch(
     if rope is not None:
         inputs += [rope.periods, rope.offset]
         template.append(("HD", rope.head_dim))
-    groups = tune.warps // tune.ksplit
+    if group:
+        template.append(("QG", group))
+    groups = tune.warps // ksplit
     blocks = -(-(total // per_warp) // groups)
     return kernel(  # type: ignore[operator]
         inputs=inputs,
@@ -433,7 +222,7 @@ def _out_shape(x: mx.array, k: int, n: int) -> tuple[int, ...]:
 
 def linear(
     x: mx.array,
-    w: mx.array,
+    w: Weight,
     *,
     norm: mx.array | None = None,
     eps: float = 1e-5,
@@ -461,8 +250,8 @@ def linear(
 
 def swiglu(
     x: mx.array,
-    gate: mx.array,
-    up: mx.array,
+    gate: Weight,
+    up: Weight,
     *,
     norm: mx.array | None = None,
     eps: float = 1e-5,
@@ -487,7 +276,7 @@ def swiglu(
 
 def multi_linear(
     x: mx.array,
-    weights: Sequence[mx.array],
+    weights: Sequence[Weight],
     *,
     norm: mx.array | None = None,
     eps: float = 1e-5,
@@ -500,7 +289,7 @@ def multi_linear(
     ``rope`` rotates the first ``rope.count`` outputs (one input row only); ``shapes`` gives
     each output's shape (same sizes), e.g. ``(1, heads, 1, head_dim)`` for attention.
     """
-    k = weights[0].shape[1]
+    k = in_features(weights[0])
     out_shapes = (
         list(shapes) if shapes is not None else [_out_shape(x, k, w.shape[0]) for w in weights]
     )

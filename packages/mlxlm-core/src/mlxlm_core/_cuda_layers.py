@@ -1,25 +1,29 @@
 """Fused one-row decoding for llama-style blocks on CUDA (see :mod:`._cuda_kernels`).
 
-A pre-norm block with separate q/k/v projections and a SwiGLU MLP runs as 4 launches of
-ours plus MLX's rope, cache update and attention, instead of ~20 MLX kernels:
+A pre-norm block with separate q/k/v projections and a SwiGLU MLP, in bfloat16/float16 or
+4-bit (MLX's affine packing, as ``nn.QuantizedLinear`` holds it), runs as 4 launches of ours
+plus MLX's cache update and attention, instead of ~25 MLX operations:
 
-    q, k, v = rms_norm(x) @ [Wq, Wk, Wv].T           one launch, norm fused
-    h       = x + attend(q, k, v) @ Wo.T              residual fused
+    q, k, v = rope(rms_norm(x) @ [Wq, Wk, Wv].T)     one launch, norm and rotary fused
+    h       = x + attention(q, k, v) @ Wo.T           residual fused
     g       = silu(rms_norm(h) @ Wg.T) * (.. @ Wu.T)  one launch, norm fused
     out     = h + g @ Wd.T                            residual fused
 
-Only one-row inputs take this path (decoding a batch of one); prompts
-and larger batches run the block's own code (MLX's matmuls are right for them).
+The launches before and after attention are each one ``mx.compile``d function, so their
+Python wrappers run only when traced. Only one-row inputs take this path (decoding a batch
+of one); prompts and larger batches run the block's own code (MLX's matmuls suit them).
 
 Eligible blocks are switched in place to a subclass (same object, same parameters), as
 :mod:`._policy_layers` does for quantized layers. A block qualifies only if it is exactly the
-llama block (no subclass that may compute something else), with plain ``nn.Linear``
-projections without bias, ``nn.RMSNorm`` norms and a SwiGLU MLP; the projection checks are
-repeated on every call, since adapters can replace a projection after loading.
+llama block (no subclass that may compute something else), with projections that are all
+plain ``nn.Linear`` or all 4-bit ``nn.QuantizedLinear`` without bias, ``nn.RMSNorm`` norms,
+a SwiGLU MLP and a stateless rope; what a call sees is re-checked whenever a module or weight
+changed (adapters can wrap a projection after loading).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,13 +38,33 @@ from .models.rope import Rope
 
 __all__ = ["DEFAULT_TUNINGS", "FusedDecoderLayer", "Tunings", "convert_decode_layers", "eligible"]
 
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+_DENSE = ("weight",)
+_PACKED = ("weight", "scales", "biases")
 
-def _plain_linear(module: Any) -> bool:
-    return type(module) is nn.Linear and "bias" not in module
+
+def _format(module: Any) -> tuple[int, ...] | None:
+    """``()`` for a plain bias-free linear, ``(group_size,)`` for a 4-bit one, else None."""
+    if "bias" in module:
+        return None
+    if type(module) is nn.Linear:
+        return ()
+    if (
+        type(module) is nn.QuantizedLinear
+        and module.bits == 4
+        and getattr(module, "mode", "affine") == "affine"
+        and module.get("biases") is not None
+        and module.group_size in ck.Q4_GROUPS
+    ):
+        return (module.group_size,)
+    return None
 
 
-def _plain_norm(module: Any) -> bool:
-    return type(module) is nn.RMSNorm
+def _projection_format(modules: Sequence[Any]) -> tuple[int, ...] | None:
+    """The one format every projection shares, else None."""
+    formats = {_format(m) for m in modules}
+    return formats.pop() if len(formats) == 1 and None not in formats else None
 
 
 def eligible(layer: nn.Module) -> bool:
@@ -55,22 +79,16 @@ def eligible(layer: nn.Module) -> bool:
     rope = attn.get("rope")
     if type(rope) is not Rope or rope.dims != attn.head_dim or rope.input_scale != 1.0:
         return False  # other ropes keep state between calls (dynamic NTK) or scale inputs
-    projections = (
-        attn.q_proj,
-        attn.k_proj,
-        attn.v_proj,
-        attn.o_proj,
-        mlp.gate_proj,
-        mlp.up_proj,
-        mlp.down_proj,
-    )
-    return all(map(_plain_linear, projections)) and all(
-        map(_plain_norm, (layer.input_layernorm, layer.post_attention_layernorm))
-    )
+    norms = (layer.get("input_layernorm"), layer.get("post_attention_layernorm"))
+    if not all(type(n) is nn.RMSNorm for n in norms):
+        return False
+    projections = [attn.get(n) for n in _ATTN] + [mlp.get(n) for n in _MLP]
+    return _projection_format(projections) is not None
 
 
 # Device times on an H200 (ncu, tools/cuda_lab.py sweepncu): 8 warps, two rows each, the
-# dot products split over 4 warps won for every shape but gate/up, which reads two matrices.
+# dot products split over 4 warps won for every dense shape but gate/up, which reads two
+# matrices. ``ksplit`` is lowered automatically where K has fewer steps (4-bit weights).
 _SPLIT = ck.Tuning(warps=8, rows_per_warp=2, ksplit=4)
 _GATE_UP = ck.Tuning(warps=4, rows_per_warp=1)
 
@@ -79,7 +97,7 @@ _GATE_UP = ck.Tuning(warps=4, rows_per_warp=1)
 class Tunings:
     """Launch shapes per projection (see :class:`._cuda_kernels.Tuning`)."""
 
-    qkv: ck.Tuning = _SPLIT
+    qkv: ck.Tuning = _SPLIT  # two rows per warp: the rotary epilogue needs both of a pair
     o: ck.Tuning = _SPLIT
     gate_up: ck.Tuning = _GATE_UP
     down: ck.Tuning = _SPLIT
@@ -87,17 +105,27 @@ class Tunings:
 
 DEFAULT_TUNINGS = Tunings()
 
-_offsets: dict[int, mx.array] = {}  # the latest rope offset as an array, shared by all layers
+_positions = threading.local()  # per thread: the last rope position and its device array
 
 
 def _offset_array(offset: int | mx.array) -> mx.array:
-    """Rope offsets enter the compiled functions as arrays: a Python int would retrace them."""
+    """The rope position as an int32 ``(1,)`` array made on the device.
+
+    An array enters the compiled functions (a Python int would retrace them every step),
+    and it is derived on the GPU from the previous step's (``+ 1``): an array written by the
+    host is migrated to the GPU when a kernel first reads it, which cost ~15 us per step.
+    """
     if isinstance(offset, mx.array):
         return offset.reshape(-1)[:1].astype(mx.int32)
-    if offset not in _offsets:
-        _offsets.clear()
-        _offsets[offset] = mx.array([offset], dtype=mx.int32)
-    return _offsets[offset]
+    last = getattr(_positions, "last", None)
+    if last is not None and last[0] == offset:
+        return last[1]
+    if last is not None and last[0] + 1 == offset:
+        array = last[1] + 1
+    else:
+        array = mx.array([offset], dtype=mx.int32)
+    _positions.last = (offset, array)
+    return array
 
 
 def _periods(rope: Rope) -> mx.array:
@@ -109,35 +137,49 @@ def _periods(rope: Rope) -> mx.array:
     return rope.base ** (mx.arange(0, rope.dims, 2, dtype=mx.float32) / rope.dims)
 
 
-class FusedDecoderLayer(llama.DecoderLayer):
-    """``llama.DecoderLayer`` whose one-row calls run the fused kernels.
+@dataclass(frozen=True)
+class _Parts:
+    fmt: tuple[int, ...]  # the projections' format the functions were built for
+    before: Any  # (x, norm, q/k/v arrays..., offset) -> roped q, k and v, (1, heads, 1, D)
+    after: Any  # (attention out, x, norm, o/gate/up/down arrays...) -> the block's output
 
-    The work before attention (norm, q/k/v, rope) and after it (o projection, norm, MLP,
-    residuals) are each one ``mx.compile``d function, so a step costs two compiled calls, the
-    cache update and the attention kernel in Python instead of ~25 op constructions; the
-    kernels' own Python wrappers run only when a function is traced.
-    """
+
+class FusedDecoderLayer(llama.DecoderLayer):
+    """``llama.DecoderLayer`` whose one-row calls run the fused kernels."""
 
     _tunings: Tunings = DEFAULT_TUNINGS
     _compiled: _Parts | None = None
-    _checked: tuple = ()  # (key, verdict) of the last eligibility check
+    _checked: tuple = ()  # (key, format or None) of the last eligibility check
 
-    def _check(self, x: mx.array, modules: Sequence[Any], weights: Sequence[mx.array]) -> bool:
-        if type(self["self_attn"]["rope"]) is not Rope:
-            return False
-        if not all(map(_plain_linear, modules[:7])) or not all(map(_plain_norm, modules[7:])):
-            return False  # an adapter replaced a projection after loading
+    def _check(self, x: mx.array, modules: Sequence[Any]) -> tuple[int, ...] | None:
+        """The projections' format if the kernels can run this block on ``x``, else None."""
+        attn = self["self_attn"]
+        rope = attn.get("rope")
+        if type(rope) is not Rope or rope.dims != attn.head_dim or rope.input_scale != 1.0:
+            return None
+        if not all(type(n) is nn.RMSNorm for n in modules[7:]):
+            return None
+        fmt = _projection_format(modules[:7])
+        if fmt is None:
+            return None  # e.g. an adapter wraps a projection
+        weights = [_weight(m, fmt) for m in modules[:7]]
         if not ck.supported(x, *weights[:3]) or not ck.supported(x, *weights[4:6]):
-            return False
-        o, down = weights[3], weights[6]
-        if o.shape[1] % ck.CHUNK or down.shape[1] % ck.CHUNK:
-            return False
-        return all(w.dtype == x.dtype for w in weights)
+            return None
+        heads = attn.n_heads * attn.head_dim
+        if not ck.supported(mx.zeros((heads,), x.dtype), weights[3]):
+            return None
+        if not ck.supported(mx.zeros((weights[6].shape[1],), x.dtype), weights[6]):
+            return None
+        if any(w.shape[0] % 2 for w in weights):
+            return None
+        if not all(n["weight"].dtype == x.dtype for n in modules[7:]):
+            return None
+        return fmt
 
-    def _functions(self) -> _Parts:
-        if self._compiled is None:
+    def _functions(self, fmt: tuple[int, ...]) -> _Parts:
+        if self._compiled is None or self._compiled.fmt != fmt:
             # object.__setattr__: an nn.Module would file a container value as a child.
-            object.__setattr__(self, "_compiled", _compile_parts(self, self._tunings))
+            object.__setattr__(self, "_compiled", _compile_parts(self, fmt, self._tunings))
         return self._compiled  # type: ignore[return-value]
 
     def __call__(self, x: mx.array, mask: Any, cache: Any) -> mx.array:
@@ -156,35 +198,33 @@ class FusedDecoderLayer(llama.DecoderLayer):
             self["input_layernorm"],
             self["post_attention_layernorm"],
         )
-        weights = [m.get("weight") for m in modules]
-        # The full check runs only when a module, a weight or the input's type changed: it is
-        # ~10% of a step's host time, and the step is bound by host time.
-        key = (x.shape, x.dtype, *map(id, modules), *map(id, weights))
+        names = _PACKED if "scales" in modules[0] else _DENSE
+        arrays = [m.get(name) for m in modules[:7] for name in names]
+        norms = [modules[7].get("weight"), modules[8].get("weight")]
+        # The full check runs only when a module, an array or the input's type changed: it
+        # costs ~10% of a step's host time, and the step is bound by host time.
+        key = (x.shape, x.dtype, *map(id, modules), *map(id, arrays), *map(id, norms))
         if not self._checked or self._checked[0] != key:
-            ok = all(w is not None for w in weights) and self._check(x, modules, weights)  # type: ignore[arg-type]
-            object.__setattr__(self, "_checked", (key, ok))
-        if not self._checked[1]:
+            object.__setattr__(self, "_checked", (key, self._check(x, modules)))
+        fmt = self._checked[1]
+        if fmt is None:
             return super().__call__(x, mask, cache)
-        parts = self._functions()
-        wq, wk, wv, wo, wg, wu, wd, n1, n2 = weights
-        q, k, v = parts.before(x, n1, wq, wk, wv, _offset_array(rope_offset(cache)))
+        parts = self._functions(fmt)
+        per = len(names)
+        q, k, v = parts.before(x, norms[0], *arrays[: 3 * per], _offset_array(rope_offset(cache)))
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         out = attention(q, k, v, cache=cache, scale=attn.scale, mask=mask)
-        return parts.after(out, x, wo, n2, wg, wu, wd)
+        return parts.after(out, x, norms[1], *arrays[3 * per :])
 
 
-_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
+def _weight(module: Any, fmt: tuple[int, ...]) -> ck.Weight:
+    if not fmt:
+        return module["weight"]
+    return ck.Q4(module["weight"], module["scales"], module["biases"], fmt[0])
 
 
-@dataclass(frozen=True)
-class _Parts:
-    before: Any  # (x, norm, wq, wk, wv, offset) -> roped q, k and v, (B, heads, L, D)
-    after: Any  # (attention out, x, wo, norm, wg, wu, wd) -> the block's output
-
-
-def _compile_parts(layer: FusedDecoderLayer, tunings: Tunings) -> _Parts:
+def _compile_parts(layer: FusedDecoderLayer, fmt: tuple[int, ...], tunings: Tunings) -> _Parts:
     attn = layer["self_attn"]
     rope = attn["rope"]
     heads, kv_heads, dim = attn.n_heads, attn.n_kv_heads, attn.head_dim
@@ -192,20 +232,27 @@ def _compile_parts(layer: FusedDecoderLayer, tunings: Tunings) -> _Parts:
     periods = _periods(rope)
     shapes = [(1, heads, 1, dim), (1, kv_heads, 1, dim), (1, kv_heads, 1, dim)]
 
-    def before(x, norm, wq, wk, wv, offset):
+    def weights(arrays: Sequence[mx.array]) -> list[ck.Weight]:
+        if not fmt:
+            return list(arrays)
+        return [ck.Q4(*arrays[i : i + 3], fmt[0]) for i in range(0, len(arrays), 3)]
+
+    def before(x, norm, *rest):
+        *arrays, offset = rest
         rotary = ck.Rotary(periods, offset, dim, scale=rope.scale, traditional=rope.traditional)
         q, k, v = ck.multi_linear(
-            x, [wq, wk, wv], norm=norm, eps=eps1, rope=rotary, shapes=shapes, tune=tunings.qkv
+            x, weights(arrays), norm=norm, eps=eps1, rope=rotary, shapes=shapes, tune=tunings.qkv
         )
         return q, k, v
 
-    def after(out, x, wo, norm, wg, wu, wd):
+    def after(out, x, norm, *arrays):
+        wo, wg, wu, wd = weights(arrays)
         # ``out`` is (1, heads, 1, head_dim): for one row, the same memory as (1, 1, hidden).
         h = ck.linear(out, wo, residual=x, tune=tunings.o)
         g = ck.swiglu(h, wg, wu, norm=norm, eps=eps2, tune=tunings.gate_up)
         return ck.linear(g, wd, residual=h, tune=tunings.down)
 
-    return _Parts(mx.compile(before), mx.compile(after))
+    return _Parts(fmt, mx.compile(before), mx.compile(after))
 
 
 def convert_decode_layers(
