@@ -2,7 +2,9 @@
 
 Binds 127.0.0.1 unless told otherwise. When the engine fails more often than
 ``--max-restarts`` (or at once with ``--on-engine-failure exit``) the process exits with
-status 3, so a supervisor (systemd, Docker, Kubernetes) can restart it.
+status 3, so a supervisor (systemd, Docker, Kubernetes) can restart it. With ``--shard``
+under ``mlx.launch``, rank 0 serves and the other ranks follow its engine
+(:mod:`._distributed`).
 """
 
 from __future__ import annotations
@@ -97,6 +99,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument(
         "--chat-template-args", default=None, help='JSON object, e.g. {"enable_thinking": false}'
     )
+    e.add_argument(
+        "--shard-timeout",
+        type=float,
+        default=300.0,
+        help="with --shard: give up on the other ranks after this many seconds without "
+        "progress inside an engine step (default 300)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -151,6 +160,14 @@ def run(args: argparse.Namespace) -> int:
         level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
     model, tokenizer = load_from_args(args)
+    sharded = None
+    if getattr(args, "shard", None):
+        from ._distributed import Sharded
+
+        sharded = Sharded.join(model, timeout=args.shard_timeout)
+        config = sharded.adjust(config)
+        if not sharded.primary:
+            return sharded.follow()  # never binds a port
     base = config.served_model_name or args.model or "default"
     slots = {base: Slot(base, model, tokenizer)}
     if config.adapters:
@@ -168,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     app = create_app(config, slots, base, on_fatal=on_fatal)
+    if sharded is not None:
+        sharded.leader(app.state.server.bridge)
     server = uvicorn.Server(
         uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level)
     )
