@@ -37,27 +37,28 @@ an engine step or a message makes no progress (no model call, no message) for
 ``--shard-timeout`` seconds: rank 0 fails its requests and exits with status 3, a follower
 exits with status 1. The prefix cache, adapters, a prompt-cache file and embeddings (a
 forward pass outside the engine's steps) are refused or off under ``--shard``.
+
+The channel, the shared samples, the stream probe and the watchdog live in
+:mod:`._distributed_sync`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import os
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import mlx.core as mx
-import numpy as np
 from mlxlm_core import BatchGenerator, InvalidArgumentError
 from mlxlm_core.distributed import peer_failures, world
 
 from ._config import ServerConfig
+from ._distributed_sync import Channel, Probe, Shared, Watchdog, probe_model
 from ._engine_bridge import Failed
 from ._errors import APIError
 
@@ -69,166 +70,7 @@ GRACE_SECONDS = 5.0  # after giving up: time for error responses to go out befor
 
 log = logging.getLogger("mlxlm_server.shard")
 
-Group = mx.distributed.Group
 Sampler = Callable[[mx.array], mx.array]
-
-
-class _Watchdog:
-    """Calls ``expire`` once when this rank is busy in MLX with no progress for ``timeout`` s.
-
-    Busy: inside a message exchange or an engine step. Progress: a model call (each prefill
-    chunk and decode step builds one after the previous chunk ran) or a finished exchange.
-    """
-
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        self.expire: Callable[[str], None] = _exit_follower
-        self._since: float | None = None
-        threading.Thread(target=self._watch, name="mlxlm-shard-watchdog", daemon=True).start()
-
-    @contextlib.contextmanager
-    def busy(self) -> Iterator[None]:
-        self._since = time.monotonic()
-        try:
-            yield
-        finally:
-            self._since = None
-
-    def tick(self) -> None:
-        if self._since is not None:
-            self._since = time.monotonic()
-
-    def _watch(self) -> None:
-        while True:
-            time.sleep(min(1.0, self.timeout / 4))
-            since = self._since
-            if since is not None and time.monotonic() - since > self.timeout:
-                self.expire(f"another rank stopped answering (no progress for {self.timeout:g} s)")
-                return
-
-
-def _exit_follower(why: str) -> None:
-    sys.stderr.write(f"mlxlm server: error: {why}\n")
-    sys.stderr.flush()
-    os._exit(1)  # the main thread is stuck inside MLX: nothing else can end it
-
-
-class _Probe:
-    """The stream the engine runs the model on (its thread's generation stream)."""
-
-    stream: mx.Stream | None = None
-    watchdog: _Watchdog | None = None
-
-
-def _probe_stream(model: Any, probe: _Probe) -> None:
-    """Record, at every call of ``model``, the stream it is called on (this instance only).
-
-    Pipeline stages also evaluate a call's inputs before building the call. A stage
-    receives its activations with ``recv_like``, which takes only the shape of its argument,
-    not a data dependency on it: on a receiving rank the graph of step k+1 does not contain
-    step k's tokens. Without this, the collectives that produce those tokens (the logits'
-    ``all_sum`` when the engine admits a prompt and evaluates two steps as one graph, and
-    rank 0's shared samples) could run before the receive on one rank and after it on the
-    other, and both ranks would wait for ever.
-    """
-    base = type(model)
-    pipelined = getattr(model, "shard_strategy", None) == "pipeline"
-
-    class _Probed(base):  # type: ignore[misc, valid-type]
-        def __call__(self, inputs: mx.array, *args: Any, **kwargs: Any) -> Any:
-            probe.stream = mx.default_stream(mx.default_device())
-            if probe.watchdog is not None:
-                probe.watchdog.tick()
-            if pipelined:
-                mx.async_eval(inputs)
-            return super().__call__(inputs, *args, **kwargs)
-
-    _Probed.__name__ = base.__name__
-    model.__class__ = _Probed
-
-
-class _Channel:
-    """Rank 0 to every other rank, over ``all_sum``."""
-
-    def __init__(self, group: Group, probe: _Probe) -> None:
-        self.group, self.probe = group, probe
-        # The first message waits for the other ranks to finish starting: not watched.
-        self.started = False
-
-    @contextlib.contextmanager
-    def _on_engine_stream(self) -> Iterator[None]:
-        stream = self.probe.stream
-        if stream is None:  # the model has not run yet: nothing is queued anywhere
-            yield
-        else:
-            with mx.stream(stream):
-                yield
-
-    def _sum(self, values: mx.array) -> np.ndarray:
-        with self.busy(), self._on_engine_stream(), peer_failures():
-            out = mx.distributed.all_sum(values, group=self.group)
-            mx.eval(out)
-        self.started = True
-        return np.array(out)
-
-    def busy(self) -> contextlib.AbstractContextManager[None]:
-        watchdog = self.probe.watchdog
-        if watchdog is None or not self.started:
-            return contextlib.nullcontext()
-        return watchdog.busy()
-
-    def send(self, flags: int, payload: bytes) -> None:
-        self._sum(mx.array([len(payload), flags], dtype=mx.int32))
-        if payload:
-            words = np.frombuffer(payload + b"\0" * (-len(payload) % 4), dtype=np.int32)
-            self._sum(mx.array(words))
-
-    def receive(self) -> tuple[int, bytes]:
-        length, flags = (int(v) for v in self._sum(mx.zeros((2,), mx.int32)))
-        if not length:
-            return flags, b""
-        words = self._sum(mx.zeros(((length + 3) // 4,), mx.int32))
-        return flags, words.astype(np.int32).tobytes()[:length]
-
-
-# --- the token of a row rank 0 samples -----------------------------------------------------
-
-
-class _Shared:
-    """Shares sampled tokens from rank 0, one ``all_sum`` per row that rank 0 samples.
-
-    Collectives must run in the same order on every rank, and MLX orders a graph's nodes
-    only by their data dependencies. So each shared token depends on the row's logits (the
-    followers' zeros are ``argmax * 0``, not fresh zeros, which could be summed before the
-    model's own collectives), and on the token shared before it (rows in call order).
-    """
-
-    def __init__(self, group: Group) -> None:
-        self.group = group
-        self.last: mx.array | None = None
-
-    def share(self, tokens: mx.array) -> mx.array:
-        if self.last is not None:
-            tokens = tokens + (self.last.sum() * 0).astype(tokens.dtype)
-        self.last = mx.distributed.all_sum(tokens, group=self.group)
-        return self.last
-
-    def decided_here(self, sampler: Sampler) -> Sampler:
-        """Rank 0: sample (after its logits processors), then share."""
-
-        def sample(logprobs: mx.array) -> mx.array:
-            tokens = sampler(logprobs).astype(mx.uint32).reshape(logprobs.shape[:-1])
-            return self.share(tokens)
-
-        return sample
-
-    def taken(self) -> Sampler:
-        """A follower: contribute zeros, receive rank 0's tokens."""
-
-        def sample(logprobs: mx.array) -> mx.array:
-            return self.share((mx.argmax(logprobs, axis=-1) * 0).astype(mx.uint32))
-
-        return sample
 
 
 def _greedy(logprobs: mx.array) -> mx.array:
@@ -248,11 +90,11 @@ def _settings(generator: BatchGenerator) -> dict[str, Any]:
 class Leader:
     """Rank 0's batch generator: does what it is asked and tells the other ranks first."""
 
-    def __init__(self, inner: BatchGenerator, channel: _Channel) -> None:
+    def __init__(self, inner: BatchGenerator, channel: Channel) -> None:
         if inner.return_caches:
             raise InvalidArgumentError("the prefix cache cannot be used with --shard")
         self.inner, self.channel = inner, channel
-        self.shared = _Shared(channel.group)
+        self.shared = Shared(channel.group)
         self._ops: list[list[Any]] = [["generator", _settings(inner)]]
         self._sent = 0.0
 
@@ -333,10 +175,10 @@ class Leader:
         return value
 
 
-def follow(model: Any, channel: _Channel) -> int:
+def follow(model: Any, channel: Channel) -> int:
     """A follower rank: apply rank 0's decisions to a local generator until told to stop."""
     generator: BatchGenerator | None = None
-    shared = _Shared(channel.group)
+    shared = Shared(channel.group)
     while True:
         flags, payload = channel.receive()
         for op in json.loads(payload) if payload else []:
@@ -344,7 +186,7 @@ def follow(model: Any, channel: _Channel) -> int:
                 settings = dict(op[1])
                 settings["stop_tokens"] = frozenset(settings.get("stop_tokens") or ())
                 generator = BatchGenerator(model, **settings)
-                shared = _Shared(channel.group)
+                shared = Shared(channel.group)
                 continue
             assert generator is not None, "rank 0 sent work before a generator"
             if op[0] == "insert":
@@ -371,9 +213,9 @@ def follow(model: Any, channel: _Channel) -> int:
 class Sharded:
     """This process's place in a sharded server (made after the model is loaded)."""
 
-    group: Group
+    group: mx.distributed.Group
     model: Any
-    channel: _Channel
+    channel: Channel
 
     @classmethod
     def join(cls, model: Any, *, timeout: float = 300.0) -> Sharded:
@@ -384,10 +226,10 @@ class Sharded:
             )
         if timeout <= 0:
             raise InvalidArgumentError(f"--shard-timeout must be > 0, got {timeout:g}")
-        probe = _Probe()
-        probe.watchdog = _Watchdog(timeout)
-        _probe_stream(model, probe)
-        return cls(group, model, _Channel(group, probe))
+        probe = Probe()
+        probe.watchdog = Watchdog(timeout)
+        probe_model(model, probe)
+        return cls(group, model, Channel(group, probe))
 
     @property
     def primary(self) -> bool:
@@ -417,7 +259,7 @@ class Sharded:
 class _Mirror:
     """What the engine bridge asks of a sharded server (its ``mirror`` hook)."""
 
-    def __init__(self, channel: _Channel, bridge: Any) -> None:
+    def __init__(self, channel: Channel, bridge: Any) -> None:
         self.channel, self.bridge = channel, bridge
         self.current: Leader | None = None
 
