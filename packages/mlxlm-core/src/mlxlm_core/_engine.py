@@ -101,6 +101,10 @@ class Sampling:
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         first = self.rows[0].sampler
         if all(r.sampler is first for r in self.rows):
+            if first is greedy:
+                # The largest logit is the largest log-probability: the normalisation (an
+                # exp over the whole vocabulary per row) stays lazy, done only if read.
+                return mx.argmax(logits, axis=-1), logprobs
             return first(logprobs), logprobs
         tokens = [row.sampler(logprobs[i : i + 1]) for i, row in enumerate(self.rows)]
         return mx.concatenate(tokens), logprobs
@@ -388,7 +392,7 @@ class BatchGenerator:
             tokens, logprobs = self._current
             # Queue the following step before reading this one, so the device stays busy.
             upcoming = decode_step(self.model, tokens[:, None], self._cache, self._sampling)
-            mx.async_eval(*upcoming)
+            mx.async_eval(upcoming[0])  # log-probabilities are computed if read
         responses, keep = [], []
         for i, (req, token) in enumerate(zip(self._active, tokens.tolist())):
             req.generated += 1
