@@ -159,4 +159,8 @@ def test_our_adapter_gives_identical_logits_in_mlx_lm(
         assert weights["model.layers.1.self_attn.q_proj.weight"].dtype == mx.float16
         fused = fused.save_path
         np.testing.assert_allclose(_theirs(fused), _ours(fused), atol=1e-5, rtol=1e-5)
-        np.testing.assert_allclose(_ours(fused), ours, atol=2e-2)  # float16 rounding
+        # Rounding the adapted weights to float16 (relative error <= 2**-11 each) moves the
+        # logits by a fraction of a percent; the adapter's own effect is ~100x larger.
+        moved = _ours(fused) - ours
+        assert np.linalg.norm(moved) <= 1e-2 * np.linalg.norm(ours)
+        assert np.abs(moved).max() <= 1e-2 * np.abs(ours - _ours(setup[base])).max()

@@ -195,8 +195,10 @@ def test_accumulation_equals_one_big_batch(tiny: Path) -> None:
         results.append((loss, count, dict(tree_flatten(model.trainable_parameters()))))
     (l1, c1, w1), (l2, c2, w2) = results
     assert c1 == c2 and l1 == pytest.approx(l2, rel=1e-5)
+    # Two half-batch gradient sums vs one: float32 summation order only (the BLAS picks its
+    # own blocking per shape), i.e. a few ulps of the weights' size.
     for name in w1:
-        np.testing.assert_allclose(np.array(w1[name]), np.array(w2[name]), atol=1e-6)
+        np.testing.assert_allclose(np.array(w1[name]), np.array(w2[name]), rtol=1e-5, atol=1e-6)
 
 
 def test_batcher_covers_every_example_once_per_epoch() -> None:
