@@ -54,7 +54,11 @@ LLAMA_1B = dict(
     tie_word_embeddings=True,
 )
 
-ENGINE_ENV = {"mlxlm-nolimits": {"MLXLM_CUDA_GRAPH_LIMITS": "0"}}
+ENGINE_ENV = {
+    "mlxlm-nolimits": {"MLXLM_CUDA_GRAPH_LIMITS": "0"},
+    "mlxlm-ops100": {"MLX_MAX_OPS_PER_BUFFER": "100"},
+    "mlxlm-ops64": {"MLX_MAX_OPS_PER_BUFFER": "64"},
+}
 
 
 def build_ours(quant_bits: int | None) -> nn.Module:

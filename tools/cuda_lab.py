@@ -410,6 +410,63 @@ def sweep_ncu() -> None:
         rt.cudaProfilerStop()
 
 
+def sweep_q4() -> None:
+    """4-bit kernels (and the rotary qkv with device-made position) under ncu."""
+    import mlxlm_core._cuda_layers as cl
+
+    def q4(n, k):
+        w = (mx.random.normal((n, k)) * 0.02).astype(BF)
+        return ck.Q4(*mx.quantize(w, group_size=64, bits=4), 64)
+
+    x1, x8, nw = rnd(1, 2048), rnd(1, 8192), rnd(2048) + 1
+    ops = []
+    for (n, k), tunes in (
+        ((2048, 2048), ((8, 2, 2, 2), (8, 4, 2, 2), (4, 2, 2, 1), (8, 1, 2, 2))),
+        ((2048, 8192), ((8, 2, 2, 4), (8, 4, 2, 4), (8, 2, 4, 2), (4, 2, 8, 1))),
+    ):
+        w = q4(n, k)
+        x = x1 if k == 2048 else x8
+        ops.append(
+            lambda w=w, x=x: mx.quantized_matmul(
+                x, w.weight, w.scales, w.biases, group_size=64, bits=4
+            )
+        )
+        for t in tunes:
+            ops.append(lambda w=w, x=x, t=t: ck.linear(x, w, tune=ck.Tuning(*t)))
+    g, u = q4(8192, 2048), q4(8192, 2048)
+    for t in ((4, 1, 2, 1), (4, 2, 2, 1), (8, 2, 2, 2), (8, 4, 2, 2)):
+        ops.append(lambda t=t: ck.swiglu(x1, g, u, norm=nw, tune=ck.Tuning(*t)))
+    ws = [q4(2048, 2048), q4(512, 2048), q4(512, 2048)]
+    rope = cl.Rope(64, base=500000.0)
+    rot = ck.Rotary(cl._periods(rope), cl._offset_array(77), 64)
+    shapes = [(1, 32, 1, 64), (1, 8, 1, 64), (1, 8, 1, 64)]
+    for t in ((8, 2, 2, 2), (4, 2, 2, 1)):
+        ops.append(
+            lambda t=t: ck.multi_linear(
+                x1, ws, norm=nw, rope=rot, shapes=shapes, tune=ck.Tuning(*t)
+            )
+        )
+    wd = [rnd(2048, 2048, scale=0.02), rnd(512, 2048, scale=0.02), rnd(512, 2048, scale=0.02)]
+    for t in ((8, 2, 8, 4), (4, 2, 8, 1)):
+        ops.append(
+            lambda t=t: ck.multi_linear(
+                x1, wd, norm=nw, rope=rot, shapes=shapes, tune=ck.Tuning(*t)
+            )
+        )
+        ops.append(lambda t=t: ck.multi_linear(x1, wd, norm=nw, tune=ck.Tuning(*t)))
+    for op in ops:
+        mx.eval(op())
+    mx.synchronize()
+    rt = _cudart()
+    if rt is not None:
+        rt.cudaProfilerStart()
+    for op in ops:
+        mx.eval(op())
+        mx.synchronize()
+    if rt is not None:
+        rt.cudaProfilerStop()
+
+
 def step_for_ncu() -> None:
     """Warm up, then one decode step between cudaProfilerStart/Stop (for ncu)."""
     import ctypes
@@ -472,5 +529,7 @@ if __name__ == "__main__":
         env_sweep()
     elif what == "sweepncu":
         sweep_ncu()
+    elif what == "sweepq4":
+        sweep_q4()
     elif what == "step":
         step_for_ncu()

@@ -26,15 +26,15 @@ from mlxlm_core.quantize import quantize_model
 CUDA = bool(getattr(mx, "cuda", None) and mx.cuda.is_available())
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs MLX's CUDA backend")
 
-# Smallest llama the kernels take: every K (hidden 256, 4 x 64 heads, MLP 512) is a
-# multiple of 256; llama3 rope scaling as in Llama-3.2.
+# Smallest llama the 4-bit kernels take too: every K (hidden 1024, 16 x 64 heads, MLP 2048)
+# is a multiple of 1024; llama3 rope scaling as in Llama-3.2.
 CONFIG = {
     "model_type": "llama",
-    "hidden_size": 256,
+    "hidden_size": 1024,
     "num_hidden_layers": 2,
-    "intermediate_size": 512,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
+    "intermediate_size": 2048,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
     "head_dim": 64,
     "rms_norm_eps": 1e-5,
     "vocab_size": 512,
@@ -108,7 +108,7 @@ def test_4bit_blocks_switch_other_quantizations_stay() -> None:
     assert convert_decode_layers(model, enabled=True) == 0
     model = _model()  # one projection left dense: the block's formats differ
     quantize_model(model, bits=4, group_size=64)
-    model.layers[0].mlp.down_proj = nn.Linear(512, 256, bias=False)
+    model.layers[0].mlp.down_proj = nn.Linear(2048, 1024, bias=False)
     assert convert_decode_layers(model, enabled=True) == 1
 
 
@@ -130,8 +130,9 @@ def test_rope_positions_are_derived_on_the_device() -> None:
     assert _offset_array(40) is first
     following = [_offset_array(p) for p in (41, 42)]
     restart = _offset_array(7)
-    assert [a.item() for a in (first, *following, restart)] == [40, 41, 42, 7]
-    assert _offset_array(mx.array([3, 5])).tolist() == [3]
+    arrays = (first, *following, restart, _offset_array(mx.array([3, 5])))
+    assert [a[0].item() for a in arrays] == [40, 41, 42, 7, 3]
+    assert all(a.size >= 4096 and a.dtype == mx.int32 for a in arrays)  # not a scalar
 
 
 def _decode_logits(model: nn.Module, steps: int = 3) -> list[mx.array]:

@@ -42,9 +42,10 @@ __device__ __forceinline__ void mlxlm_unpack8(const uint4& v, float* f, const __
   }
 }
 
-// 128 + (nibble i of w) as a float: the nibble goes into the mantissa of 128.0f (no I2F).
-__device__ __forceinline__ float mlxlm_q4(unsigned int w, int i) {
-  return __uint_as_float(0x43000000u | (((w >> (4 * i)) & 0xFu) << 16));
+// 128 + q as a float for the 4-bit value q in byte b of v (v = w & 0x0F0F0F0F or
+// (w >> 4) & 0x0F0F0F0F): one byte permute puts q into the mantissa of 128.0f (no I2F).
+__device__ __forceinline__ float mlxlm_q4(unsigned int v, int b) {
+  return __uint_as_float(__byte_perm(v, 0x43000000u, 0x7054u | (b << 8)));
 }
 
 __device__ __forceinline__ float mlxlm_warp_sum(float v) {
@@ -154,9 +155,12 @@ _Q4_COMPUTE = """
               const unsigned int* q = reinterpret_cast<const unsigned int*>(&wv[u][j][r]);
               float d = 0.f;
 #pragma unroll
-              for (int c = 0; c < 4; ++c)
+              for (int c = 0; c < 4; ++c) {
+                const unsigned int lo = q[c] & 0x0F0F0F0Fu, hi = (q[c] >> 4) & 0x0F0F0F0Fu;
 #pragma unroll
-                for (int i = 0; i < 8; ++i) d += xf[8 * c + i] * mlxlm_q4(q[c], i);
+                for (int b = 0; b < 4; ++b)
+                  d += xf[8 * c + 2 * b] * mlxlm_q4(lo, b) + xf[8 * c + 2 * b + 1] * mlxlm_q4(hi, b);
+              }
               acc[j][r][m] += sc[u][j][r] * (d - 128.f * xs) + bi[u][j][r] * xs;
             }
         }

@@ -91,6 +91,10 @@ def eligible(layer: nn.Module) -> bool:
 # matrices. ``ksplit`` is lowered automatically where K has fewer steps (4-bit weights).
 _SPLIT = ck.Tuning(warps=8, rows_per_warp=2, ksplit=4)
 _GATE_UP = ck.Tuning(warps=4, rows_per_warp=1)
+# 4-bit: a step covers 1024 features, so K = 2048 has only two.
+_Q4_SPLIT = ck.Tuning(warps=8, rows_per_warp=2, unroll=2, ksplit=2)
+_Q4_GATE_UP = ck.Tuning(warps=4, rows_per_warp=2, unroll=2)
+_Q4_DOWN = ck.Tuning(warps=8, rows_per_warp=2, unroll=2, ksplit=4)
 
 
 @dataclass(frozen=True)
@@ -101,40 +105,66 @@ class Tunings:
     o: ck.Tuning = _SPLIT
     gate_up: ck.Tuning = _GATE_UP
     down: ck.Tuning = _SPLIT
+    q4_qkv: ck.Tuning = _Q4_SPLIT
+    q4_o: ck.Tuning = _Q4_SPLIT
+    q4_gate_up: ck.Tuning = _Q4_GATE_UP
+    q4_down: ck.Tuning = _Q4_DOWN
+
+    def for_format(self, fmt: tuple[int, ...]) -> tuple[ck.Tuning, ck.Tuning, ck.Tuning, ck.Tuning]:
+        """(qkv, o, gate/up, down) for dense (``()``) or 4-bit projections."""
+        if fmt:
+            return self.q4_qkv, self.q4_o, self.q4_gate_up, self.q4_down
+        return self.qkv, self.o, self.gate_up, self.down
 
 
 DEFAULT_TUNINGS = Tunings()
 
-_positions = threading.local()  # per thread: the last rope position and its device array
+# Small arrays are a trap for a kernel that reads them: MLX's CUDA allocator puts arrays of
+# up to 8 bytes in one shared managed-memory pool that the host writes whenever it makes a
+# scalar, so a kernel reading the rope position from there paid a page migration, ~17 us,
+# at every launch (ncu, H200 and H100). Position and periods therefore live in buffers of
+# their own (16 KB: MLX's allocation page), written on the device.
+_SIDE = 4096  # elements of the position and period buffers
+_positions = threading.local()  # per thread: the last rope position, its buffer, and ones
+_period_buffers: dict[tuple, mx.array] = {}
 
 
 def _offset_array(offset: int | mx.array) -> mx.array:
-    """The rope position as an int32 ``(1,)`` array made on the device.
+    """The rope position as an int32 buffer (element 0 is read), made on the device.
 
     An array enters the compiled functions (a Python int would retrace them every step),
-    and it is derived on the GPU from the previous step's (``+ 1``): an array written by the
-    host is migrated to the GPU when a kernel first reads it, which cost ~15 us per step.
+    derived on the GPU from the previous step's (``+ 1``) without a host-written operand.
     """
     if isinstance(offset, mx.array):
-        return offset.reshape(-1)[:1].astype(mx.int32)
+        return mx.tile(offset.reshape(-1)[:1].astype(mx.int32), (_SIDE,))
     last = getattr(_positions, "last", None)
     if last is not None and last[0] == offset:
         return last[1]
     if last is not None and last[0] + 1 == offset:
-        array = last[1] + 1
+        array = last[1] + _positions.ones
     else:
-        array = mx.array([offset], dtype=mx.int32)
+        array = mx.full((_SIDE,), offset, dtype=mx.int32)
+        if getattr(_positions, "ones", None) is None:
+            _positions.ones = mx.ones((_SIDE,), dtype=mx.int32)
     _positions.last = (offset, array)
     return array
 
 
 def _periods(rope: Rope) -> mx.array:
-    """Per pair, the position divisor of its angle (what ``mx.fast.rope`` uses)."""
+    """Per pair, the position divisor of its angle (what ``mx.fast.rope`` uses), in a buffer
+    shared by every layer with the same table."""
     freqs = getattr(rope, "_freqs", None)
     if freqs is not None:
-        return freqs.astype(mx.float32)
-    assert rope.base is not None
-    return rope.base ** (mx.arange(0, rope.dims, 2, dtype=mx.float32) / rope.dims)
+        periods = freqs.astype(mx.float32)
+    else:
+        assert rope.base is not None
+        periods = rope.base ** (mx.arange(0, rope.dims, 2, dtype=mx.float32) / rope.dims)
+    key = tuple(periods.tolist())
+    if key not in _period_buffers:
+        padded = mx.concatenate([periods, mx.ones((_SIDE - periods.size,), mx.float32)])
+        mx.eval(padded)
+        _period_buffers[key] = padded
+    return _period_buffers[key]
 
 
 @dataclass(frozen=True)
@@ -231,6 +261,7 @@ def _compile_parts(layer: FusedDecoderLayer, fmt: tuple[int, ...], tunings: Tuni
     eps1, eps2 = layer["input_layernorm"].eps, layer["post_attention_layernorm"].eps
     periods = _periods(rope)
     shapes = [(1, heads, 1, dim), (1, kv_heads, 1, dim), (1, kv_heads, 1, dim)]
+    t_qkv, t_o, t_gate_up, t_down = tunings.for_format(fmt)
 
     def weights(arrays: Sequence[mx.array]) -> list[ck.Weight]:
         if not fmt:
@@ -241,16 +272,16 @@ def _compile_parts(layer: FusedDecoderLayer, fmt: tuple[int, ...], tunings: Tuni
         *arrays, offset = rest
         rotary = ck.Rotary(periods, offset, dim, scale=rope.scale, traditional=rope.traditional)
         q, k, v = ck.multi_linear(
-            x, weights(arrays), norm=norm, eps=eps1, rope=rotary, shapes=shapes, tune=tunings.qkv
+            x, weights(arrays), norm=norm, eps=eps1, rope=rotary, shapes=shapes, tune=t_qkv
         )
         return q, k, v
 
     def after(out, x, norm, *arrays):
         wo, wg, wu, wd = weights(arrays)
         # ``out`` is (1, heads, 1, head_dim): for one row, the same memory as (1, 1, hidden).
-        h = ck.linear(out, wo, residual=x, tune=tunings.o)
-        g = ck.swiglu(h, wg, wu, norm=norm, eps=eps2, tune=tunings.gate_up)
-        return ck.linear(g, wd, residual=h, tune=tunings.down)
+        h = ck.linear(out, wo, residual=x, tune=t_o)
+        g = ck.swiglu(h, wg, wu, norm=norm, eps=eps2, tune=t_gate_up)
+        return ck.linear(g, wd, residual=h, tune=t_down)
 
     return _Parts(fmt, mx.compile(before), mx.compile(after))
 
