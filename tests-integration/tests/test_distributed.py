@@ -3,7 +3,8 @@
 Ranks are started the way ``mlx.launch`` starts them (a host file and ``MLX_RANK``), on free
 ports, each bounded in time. Claims: tensor- and pipeline-parallel greedy tokens equal the
 single-process tokens for the default model (through the ``mlxlm generate --shard`` CLI,
-whose 9 heads / 3 KV heads split unevenly) and for a tiny mixture-of-experts model; and a
+whose 9 heads / 3 KV heads split unevenly) and for a tiny mixture-of-experts model (one
+prompt, and continuous batching admitting a prompt while another decodes); and a
 rank that dies mid-run ends the other with one clear error line, not a hang.
 """
 
@@ -101,7 +102,7 @@ def test_default_model_sharded_equals_one_process(strategy, env, single_answer, 
 _MOE_WORKER = """
 import json, sys
 import mlx.core as mx
-from mlxlm_core import generate_step
+from mlxlm_core import BatchGenerator, generate_step
 from mlxlm_core.distributed import shard_model, world
 from mlxlm_core.models import get_model_classes
 
@@ -111,11 +112,27 @@ mx.random.seed(3)
 model = model_cls(args_cls.from_dict(config))
 mx.eval(model.parameters())
 prompt = mx.array([5, 9, 17, 33, 2, 71, 8])
+
+def staggered():
+    # Continuous batching: a second prompt is admitted (in 4-token chunks) while the
+    # first decodes, so steps are built on tokens of steps not yet evaluated.
+    gen = BatchGenerator(model, max_tokens=12, prefill_step_size=4)
+    uids, out, steps = gen.insert([prompt.tolist()]), {}, 0
+    while gen.has_work:
+        if steps == 3:
+            uids += gen.insert([[3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]])
+        for r in gen.next():
+            out.setdefault(r.uid, []).append(r.token)
+        steps += 1
+    return [out[u] for u in uids]
+
 alone = [t for t, _ in generate_step(prompt, model, max_tokens=16)]
+batch_alone = staggered()
 group = world(backend="ring")
 shard_model(model, group, sys.argv[2])
 sharded = [t for t, _ in generate_step(prompt, model, max_tokens=16)]
-print(json.dumps({"alone": alone, "sharded": sharded}))
+print(json.dumps({"alone": alone, "sharded": sharded,
+                  "batch_alone": batch_alone, "batch_sharded": staggered()}))
 """
 
 TINY_MOE = {
@@ -149,6 +166,8 @@ def test_tiny_moe_sharded_equals_one_process(strategy, env, tmp_path):
         result = json.loads(r.stdout.strip().splitlines()[-1])
         assert result["sharded"] == result["alone"]
         assert len(set(result["alone"])) > 1
+        assert result["batch_sharded"] == result["batch_alone"]
+        assert [len(tokens) for tokens in result["batch_alone"]] == [12, 12]
 
 
 def test_a_dying_rank_ends_the_other_with_a_clear_error(env, tmp_path):

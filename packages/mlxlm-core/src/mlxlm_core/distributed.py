@@ -193,6 +193,12 @@ def pipeline(model: nn.Module, group: mx.distributed.Group) -> None:
     # Route calls on this instance through the pipeline (the class itself stays untouched).
     class _Pipelined(type(model)):  # type: ignore[misc, valid-type]
         def __call__(self, inputs: mx.array, cache: Any = None, **kw: Any) -> mx.array:
+            # A receive has no inputs, so nothing in the graph orders it after the previous
+            # call's collectives: with two calls in one graph (a batch that merges admitted
+            # rows builds a step on the tokens of a step not yet evaluated) the ranks could
+            # pair different messages and hang. The inputs hold the previous step's tokens,
+            # so evaluating them first finishes that step on every rank, in the same order.
+            mx.eval(inputs)
             logits = original_call(self, inputs, cache=cache, **kw)
             # `* 0`, not zeros_like: the product keeps this rank's send in the graph.
             return mx.distributed.all_sum(logits if last else logits * 0, group=group)
