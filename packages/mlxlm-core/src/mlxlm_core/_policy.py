@@ -13,6 +13,16 @@ Linux CPU backend (BENCHMARKS.md, DESIGN.md §8):
   faster dequantized on the fly, and when the BLAS is optimised a resident float32 copy
   of the quantized weights makes decoding ~4x faster at ~5x the weight memory. The copy is
   kept when it fits a memory budget (``dense_budget_fraction`` of physical memory);
+- a one-row product (decoding one sequence) written with MLX's compiled elementwise kernels
+  and the BLAS (:mod:`._quant_matvec`, ``matvec="planes"``) runs 3-4x faster than MLX's
+  quantized kernel on the packed weights as they are, so on CPU ``auto`` now keeps the
+  weights packed (``quantized``: MLX-LM's memory) and decodes with it, prompts and batches
+  still dequantizing per layer into the BLAS; the dense copy stays an explicit choice
+  (fastest decoding, ~5x the weight memory). It needs MLX's CPU JIT compiler (g++); without
+  it, the previous rule applies (dense copy if an optimised BLAS is loaded and it fits);
+- on CPU, glibc's malloc is told to keep freed buffers in the heap (:mod:`._malloc`): MLX
+  allocates every temporary with malloc, and glibc's defaults mapped and zero-filled the
+  few-MB buffers of each decoding step anew (~40% of a step's CPU time with the planes);
 - on GPU backends (CUDA, Metal) the checkpoint's dtype and MLX's quantized kernels stay,
   as in MLX-LM; a CUDA- or Metal-specific choice belongs in ``_BACKENDS`` with its numbers;
 - on CUDA, decoding one sequence is bound by MLX's per-operation host cost (~5 us each,
@@ -21,13 +31,16 @@ Linux CPU backend (BENCHMARKS.md, DESIGN.md §8):
   of ~25) - ``decode_kernels="fused"``. Prompts and batches keep MLX's matmuls.
 
 Overrides: ``load(..., dtype=..., weight_mode=...)``, the CLI's ``--dtype`` / ``--weight-mode``,
-``choose_policy(decode_kernels="mlx")``.
+``choose_policy(decode_kernels="mlx", matvec="mlx")``, the environment's ``MLXLM_MATVEC``
+(``mlx`` or ``planes``) and ``MLXLM_MALLOC=off``.
 ``mlxlm generate --verbose`` prints :meth:`ExecutionPolicy.describe`.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -37,11 +50,13 @@ from mlx.utils import tree_flatten, tree_unflatten
 from ._blas import blas_info
 from ._cuda_env import configure_graph_limits
 from ._errors import InvalidArgumentError, UnsupportedError
+from ._malloc import keep_heap
 from ._policy_layers import convert_quantized_layers, dense_bytes, dense_copies
 
 __all__ = [
     "DECODE_KERNELS",
     "DTYPES",
+    "MATVECS",
     "WEIGHT_MODES",
     "ExecutionPolicy",
     "apply_policy",
@@ -65,6 +80,11 @@ WEIGHT_MODES = ("auto", "native", "quantized", "dense")
 # How one-row decode steps run: "mlx" (MLX's ops, as MLX-LM) or "fused" (CUDA kernels of ours)
 DECODE_KERNELS = ("auto", "mlx", "fused")
 
+# How a "quantized" layer multiplies one row: "mlx" (MLX's quantized kernel) or "planes"
+# (:mod:`._quant_matvec`, CPU only). MLXLM_MATVEC in the environment overrides "auto".
+MATVECS = ("auto", "mlx", "planes")
+MATVEC_ENV = "MLXLM_MATVEC"
+
 
 @dataclass(frozen=True)
 class _BackendDefaults:
@@ -77,7 +97,7 @@ class _BackendDefaults:
 
 # Per backend. CPU and CUDA numbers: BENCHMARKS.md. Metal keeps MLX-LM's choices until measured.
 _BACKENDS = {
-    "cpu": _BackendDefaults("float32", "dense", 2, 512),
+    "cpu": _BackendDefaults("float32", "quantized", 2, 512),
     "cuda": _BackendDefaults(None, "native", None, 2048, decode_kernels="fused"),
     "metal": _BackendDefaults(None, "native", None, 2048),
 }
@@ -100,6 +120,8 @@ class ExecutionPolicy:
     dense_bytes: int = 0  # memory of the dense copies, once applied
     decode_kernels: str = "mlx"  # "mlx" or "fused" (see DECODE_KERNELS)
     fused_layers: int = 0  # blocks running the fused kernels, once applied
+    matvec: str = "mlx"  # "quantized": how one row multiplies, "mlx" or "planes" (see MATVECS)
+    malloc: str = "default"  # CPU: glibc's heap settings (see _malloc), once applied
 
     def describe(self) -> str:
         dtype = self.dtype or "checkpoint dtype"
@@ -111,9 +133,10 @@ class ExecutionPolicy:
         decode = self.decode_kernels
         if decode == "fused":
             decode += f" ({self.fused_layers} blocks)"
+        cpu = f"matvec={self.matvec} malloc={self.malloc} " if self.backend == "cpu" else ""
         return (
             f"backend={self.backend} dtype={dtype} weight_mode={mode} "
-            f"prefill_step={self.prefill_step_size} decode={decode} blas={self.blas} "
+            f"prefill_step={self.prefill_step_size} decode={decode} {cpu}blas={self.blas} "
             f"[{self.reason}]"
         )
 
@@ -145,6 +168,7 @@ def choose_policy(
     *,
     model: nn.Module | None = None,
     decode_kernels: str = "auto",
+    matvec: str = "auto",
 ) -> ExecutionPolicy:
     """``auto`` picks per backend; an explicit dtype (or ``keep``), weight mode or decode
     kernel choice overrides it.
@@ -157,6 +181,10 @@ def choose_policy(
         raise InvalidArgumentError(
             f"weight_mode must be one of {', '.join(WEIGHT_MODES)}; got {weight_mode!r}"
         )
+    if matvec == "auto":
+        matvec = os.environ.get(MATVEC_ENV, "auto").lower() or "auto"
+    if matvec not in MATVECS:
+        raise InvalidArgumentError(f"matvec must be one of {', '.join(MATVECS)}; got {matvec!r}")
     if decode_kernels not in DECODE_KERNELS:
         raise InvalidArgumentError(
             f"decode_kernels must be one of {', '.join(DECODE_KERNELS)}; got {decode_kernels!r}"
@@ -175,10 +203,21 @@ def choose_policy(
     else:
         chosen_dtype = None if dtype == "keep" else dtype
         reasons.append(f"dtype={dtype} requested")
+    planes = backend == "cpu" and matvec != "mlx" and _cpu_jit_available()
+    if matvec == "planes" and not planes:
+        raise UnsupportedError("matvec='planes' needs the CPU backend and g++ (MLX's CPU JIT)")
+    # auto: only where the kernel serves the model (else the dense-or-quantized rule below)
+    planes_fit = planes and (chosen_dtype or _scales_dtype(model) or "float32") == "float32"
+    planes_fit = planes_fit and _planes_serve(model)
     mode = weight_mode
     if weight_mode == "auto":
         mode = defaults.weight_mode
-        if backend == "cpu" and mode == "dense":
+        if backend == "cpu" and planes_fit:
+            reasons.append(
+                "quantized: packed weights (MLX-LM's memory), one-row products by the plane "
+                "kernel (3-4x MLX's), prompts dequantized per layer into the BLAS"
+            )
+        elif backend == "cpu":
             mode, why = _dense_or_quantized(blas.optimised, model, chosen_dtype)
             reasons.append(why)
     else:
@@ -192,7 +231,23 @@ def choose_policy(
         blas=blas.name,
         reason="; ".join(reasons) or "backend defaults",
         decode_kernels=decode,
+        matvec="planes" if planes and mode == "quantized" else "mlx",
     )
+
+
+def _cpu_jit_available() -> bool:
+    """MLX builds compiled CPU kernels with g++ on Linux (the plane kernel needs them)."""
+    return sys.platform == "linux" and shutil.which("g++") is not None
+
+
+def _planes_serve(model: nn.Module | None) -> bool:
+    """Whether every quantized layer of ``model`` is one the plane kernel multiplies."""
+    for layer in model.modules() if model is not None else []:
+        if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            mode = getattr(layer, "mode", "affine")
+            if mode != "affine" or layer.bits not in (2, 4, 8) or layer.group_size % 4:
+                return False
+    return True
 
 
 def _dense_or_quantized(
@@ -237,9 +292,19 @@ def apply_policy(model: nn.Module, policy: ExecutionPolicy) -> ExecutionPolicy:
         if changed:
             model.update(tree_unflatten(changed))
     dense = policy.weight_mode == "dense"
-    convert_quantized_layers(model, dense=dense, dequantize_rows=policy.dequantize_rows)
+    convert_quantized_layers(
+        model,
+        dense=dense,
+        dequantize_rows=policy.dequantize_rows,
+        matvec=policy.matvec == "planes",
+    )
     total = sum(c.nbytes for c in dense_copies(model))
+    malloc = (
+        keep_heap() if policy.backend == "cpu" and policy.weight_mode != "native" else "default"
+    )
     from ._cuda_layers import convert_decode_layers  # imports the model zoo: not at import
 
     fused = convert_decode_layers(model, enabled=policy.decode_kernels == "fused")
-    return ExecutionPolicy(**{**policy.__dict__, "dense_bytes": total, "fused_layers": fused})
+    return ExecutionPolicy(
+        **{**policy.__dict__, "dense_bytes": total, "fused_layers": fused, "malloc": malloc}
+    )
