@@ -112,6 +112,17 @@ def test_4bit_blocks_switch_other_quantizations_stay() -> None:
     assert convert_decode_layers(model, enabled=True) == 1
 
 
+def test_4bit_tied_head_switches_with_the_blocks() -> None:
+    from mlxlm_core._cuda_layers import FusedQuantizedEmbedding
+
+    model = _model()
+    quantize_model(model, bits=4, group_size=64)
+    convert_decode_layers(model, enabled=True)
+    assert type(model.model.embed_tokens) is FusedQuantizedEmbedding
+    convert_decode_layers(model, enabled=False)
+    assert type(model.model.embed_tokens) is nn.QuantizedEmbedding
+
+
 def test_native_mode_keeps_mlx_quantized_classes() -> None:
     """No policy subclass (and its per-call Python) where it would change nothing."""
     model = _model(dtype=mx.float32)

@@ -4,8 +4,11 @@ MLX records kernels into a CUDA graph and launches it once the graph holds more 
 ``MLX_MAX_OPS_PER_BUFFER`` kernels (30 on Hopper) or its inputs more than
 ``MLX_MAX_MB_PER_BUFFER`` megabytes (400). Every launch costs host time (updating and launching
 the graph). Decoding reads all the weights every step, so a Llama-3.2-1B step (2.5 GB, ~130
-kernels with the fused blocks) was cut into ~10 graphs; one graph per step ran faster on an
-H200 (BENCHMARKS.md). MLX reads the two variables once, when its first CUDA stream starts,
+kernels with the fused blocks) was cut into ~10 graphs; 2-3 per step ran faster on H100 and
+H200 (BENCHMARKS.md). 400 operations per graph was faster still for bfloat16 but held more
+temporaries alive during prefill (peak memory +0.15 GB over MLX-LM's) and made the 4-bit
+path, whose graphs MLX cannot update in place, re-instantiate larger graphs.
+MLX reads the two variables once, when its first CUDA stream starts,
 so they are set when mlxlm_core is imported, only where the user has not set them, and only
 with the CUDA backend. ``MLXLM_CUDA_GRAPH_LIMITS=0`` leaves MLX's defaults.
 """
@@ -19,7 +22,7 @@ import mlx.core as mx
 
 __all__ = ["GRAPH_LIMITS", "configure_graph_limits"]
 
-GRAPH_LIMITS = {"MLX_MAX_OPS_PER_BUFFER": "400", "MLX_MAX_MB_PER_BUFFER": "10000"}
+GRAPH_LIMITS = {"MLX_MAX_OPS_PER_BUFFER": "100", "MLX_MAX_MB_PER_BUFFER": "10000"}
 OPT_OUT = "MLXLM_CUDA_GRAPH_LIMITS"
 
 

@@ -291,6 +291,9 @@ def apply_policy(model: nn.Module, policy: ExecutionPolicy) -> ExecutionPolicy:
         ]
         if changed:
             model.update(tree_unflatten(changed))
+    from ._cuda_layers import convert_decode_layers  # imports the model zoo: not at import
+
+    convert_decode_layers(model, enabled=False)  # MLX's classes back before the weight mode
     dense = policy.weight_mode == "dense"
     convert_quantized_layers(
         model,
@@ -302,8 +305,6 @@ def apply_policy(model: nn.Module, policy: ExecutionPolicy) -> ExecutionPolicy:
     malloc = (
         keep_heap() if policy.backend == "cpu" and policy.weight_mode != "native" else "default"
     )
-    from ._cuda_layers import convert_decode_layers  # imports the model zoo: not at import
-
     fused = convert_decode_layers(model, enabled=policy.decode_kernels == "fused")
     return ExecutionPolicy(
         **{**policy.__dict__, "dense_bytes": total, "fused_layers": fused, "malloc": malloc}
