@@ -64,7 +64,7 @@ def test_gptq_layer_error_no_worse_than_mlx_lm() -> None:
         model.proj.weight, model.proj.scales, model.proj.biases, group_size=64, bits=4
     )
     h = np.array(x.T @ x)
-    codes, s, b = gptq_weight(np.array(w), h, bits=4, group_size=64, damp=0.01, block_size=128)
+    codes, s, b = gptq_weight(np.array(w), h, bits=4, group_size=64, damp=0.01)
     w_ours = (codes.reshape(out, -1, 64) * np.array(s)[..., None] + np.array(b)[..., None]).reshape(
         out, dim
     )

@@ -25,11 +25,12 @@ __all__ = [
     "Recorder",
     "block_extras",
     "block_inputs",
+    "feed_block",
     "hooked",
     "run_block",
 ]
 
-Callback = Callable[[str, mx.array, mx.array], None]
+Callback = Callable[[str, mx.array, Any], None]
 
 
 class _Stop(Exception):
@@ -37,32 +38,47 @@ class _Stop(Exception):
 
 
 class Recorder(nn.Module):
-    """Stands in for a leaf layer: calls it, then reports ``(path, input, output)``."""
+    """Stands in for a leaf layer: calls it, then reports ``(path, input, output)``.
 
-    def __init__(self, path: str, module: nn.Module, callback: Callback):
+    With ``before``, it reports ``(path, input, None)`` first and then calls the layer, so
+    the callback may change the layer's weights for this very call (GPTQ in one pass).
+    """
+
+    def __init__(self, path: str, module: nn.Module, callback: Callback, *, before: bool = False):
         super().__init__()
         self._path = path
         self._callback = callback
+        self._before = before
         self.inner = module
 
     def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+        if self._before:
+            self._callback(self._path, x, None)
+            return self.inner(x, *args, **kwargs)
         y = self.inner(x, *args, **kwargs)
         self._callback(self._path, x, y)
         return y
 
     def as_linear(self, x: mx.array) -> mx.array:
         # A tied embedding used as the output head.
+        if self._before:
+            self._callback(self._path + "#as_linear", x, None)
+            return self.inner.as_linear(x)
         y = self.inner.as_linear(x)
         self._callback(self._path + "#as_linear", x, y)
         return y
 
 
 @contextmanager
-def hooked(root: nn.Module, paths: Sequence[str], callback: Callback) -> Iterator[None]:
+def hooked(
+    root: nn.Module, paths: Sequence[str], callback: Callback, *, before: bool = False
+) -> Iterator[None]:
     """Within the block, calls of the leaves at ``paths`` (relative to ``root``) report."""
     modules = dict(root.named_modules())
     originals = [(p, modules[p]) for p in paths]
-    root.update_modules(tree_unflatten([(p, Recorder(p, m, callback)) for p, m in originals]))
+    root.update_modules(
+        tree_unflatten([(p, Recorder(p, m, callback, before=before)) for p, m in originals])
+    )
     try:
         yield
     finally:
@@ -135,6 +151,17 @@ def run_block(
     return out
 
 
+def feed_block(block: nn.Module, hidden: Sequence[mx.array], extra: tuple[tuple, dict]) -> None:
+    """Call ``block`` on each hidden batch for its hooks only: the output is never evaluated.
+
+    MLX is lazy, so what no hook evaluates (the last layer's product, the residual add) is
+    never computed; a pass that only gathers input statistics skips that work.
+    """
+    args, kwargs = extra
+    for h in hidden:
+        block(h, *args, **kwargs)
+
+
 def linear_paths(block: nn.Module) -> list[str]:
     """Paths (relative to ``block``) of its layers with a 2-D or expert weight to quantize."""
     return [
@@ -180,7 +207,9 @@ def tail_calls(
     try:
         with hooked(model, outside, callback):
             for start in range(0, tokens.shape[0], batch_size):
-                mx.eval(model(tokens[start : start + batch_size]))
+                # Not evaluated: the callback evaluates what it needs from the inputs, and
+                # the logits (a vocabulary-wide product per token) are never computed.
+                model(tokens[start : start + batch_size])
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
