@@ -12,7 +12,7 @@ Endpoints: /v1/chat/completions, /v1/completions, /v1/models, /v1/embeddings,
 /detokenize; the OpenAPI document is at /openapi.json.
 """
 
-from ._app import create_app, load_slots
+from ._app import batched_weights, create_app, load_slots
 from ._config import ServerConfig
 from ._engine_bridge import EngineBridge, Slot
 from ._prefix_cache import PrefixCache
@@ -31,6 +31,7 @@ __all__ = [
     "Slot",
     "ToolParser",
     "__version__",
+    "batched_weights",
     "create_app",
     "get_parser",
     "load_slots",

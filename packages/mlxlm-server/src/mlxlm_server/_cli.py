@@ -10,6 +10,7 @@ under ``mlx.launch``, rank 0 serves and the other ranks follow its engine
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -159,7 +160,11 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
-    model, tokenizer = load_from_args(args)
+    from ._app import batched_weights
+
+    auto = getattr(args, "weight_mode", "auto") == "auto"
+    with batched_weights() if auto else contextlib.nullcontext():
+        model, tokenizer = load_from_args(args)
     sharded = None
     if getattr(args, "shard", None):
         from ._distributed import Sharded
@@ -174,7 +179,14 @@ def run(args: argparse.Namespace) -> int:
         from mlxlm_core import load
 
         for name, path in config.adapters.items():
-            m, t = load(args.model, adapter_path=path, dtype=args.dtype, revision=args.revision)
+            with batched_weights() if auto else contextlib.nullcontext():
+                m, t = load(
+                    args.model,
+                    adapter_path=path,
+                    dtype=args.dtype,
+                    weight_mode=args.weight_mode,
+                    revision=args.revision,
+                )
             slots[name] = Slot(name, m, t)
     failed: list[BaseException] = []
     server: uvicorn.Server | None = None

@@ -37,7 +37,9 @@ class ServerConfig:
     # Engine.
     max_batch_size: int = 16
     prefill_batch_size: int = 8
-    prefill_step_size: int = 2048
+    # Prompt tokens per prefill chunk (and fed per step while others decode); None: the
+    # execution policy's (512 on CPU, 2048 on GPU).
+    prefill_step_size: int | None = None
     prefix_cache_bytes: int = 512 << 20  # 0 turns the prefix cache off
     prompt_cache_file: str | None = None
     on_engine_failure: str = "restart"  # "restart" or "exit"

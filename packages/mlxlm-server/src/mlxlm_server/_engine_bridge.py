@@ -92,7 +92,7 @@ class EngineBridge:
         *,
         max_batch_size: int = 16,
         prefill_batch_size: int = 8,
-        prefill_step_size: int = 2048,
+        prefill_step_size: int | None = None,
         max_queue: int = 64,
         prefix_cache: PrefixCache | None = None,
         max_restarts: int = 3,
