@@ -35,6 +35,7 @@ from pathlib import Path
 import httpx
 
 CLOCK = os.sysconf("SC_CLK_TCK")
+RETRIES = 5
 
 
 def free_port() -> int:
@@ -77,16 +78,26 @@ def one_stream(client: httpx.Client, url: str, model: str, prompt: str, max_toke
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    tokens = 0
-    with client.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
-        for line in r.iter_lines():
-            # Only the final chunk (stream_options.include_usage) is parsed: the client
-            # shares the server's cores and should cost as little as possible.
-            if line.startswith('data: {"') and '"usage":{' in line.replace(" ", ""):
-                usage = json.loads(line[6:]).get("usage")
-                if usage:
-                    tokens = usage["completion_tokens"]
-    return tokens
+    for attempt in range(RETRIES + 1):
+        tokens, received = 0, False
+        try:
+            with client.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+                for line in r.iter_lines():
+                    received = True
+                    # Only the final chunk (stream_options.include_usage) is parsed: the
+                    # client shares the server's cores and should cost as little as possible.
+                    if line.startswith('data: {"') and '"usage":{' in line.replace(" ", ""):
+                        usage = json.loads(line[6:]).get("usage")
+                        if usage:
+                            tokens = usage["completion_tokens"]
+            return tokens
+        except httpx.TransportError:
+            # MLX-LM's http.server listens with a backlog of 5: a burst of connections can
+            # be reset before it accepts them. Retry those; a stream cut midway counts.
+            if received or attempt == RETRIES:
+                return -1
+            time.sleep(0.2 * (attempt + 1))
+    return -1
 
 
 @dataclass
@@ -98,6 +109,7 @@ class Figure:
     tokens: int
     seconds: float
     load: float  # 1-minute load average when the measurement ended
+    failed: int  # streams that failed (connection refused or cut): their tokens are lost
     server_cpu_ms_per_token: float
     client_cpu_ms_per_token: float
 
@@ -113,6 +125,8 @@ def measure(
         counts = list(pool.map(lambda p: one_stream(client, url, model, p, max_tokens), prompts))
         seconds = time.perf_counter() - start
         server_cpu, client_cpu = process_cpu(pid) - server_before, own_cpu() - client_before
+    failed = sum(1 for c in counts if c < 0)
+    counts = [max(c, 0) for c in counts]
     tokens = max(1, sum(counts))
     return Figure(
         name,
@@ -122,6 +136,7 @@ def measure(
         sum(counts),
         seconds,
         os.getloadavg()[0],
+        failed,
         1000 * server_cpu / tokens,
         1000 * client_cpu / tokens,
     )
@@ -204,7 +219,8 @@ def main() -> int:
                     print(
                         f"trial {trial} {n:7s} clients={clients:2d} {f.tokens_per_s:7.1f} tok/s"
                         f"  load {f.load:4.1f}  cpu/token server {f.server_cpu_ms_per_token:5.1f}"
-                        f" ms, client {f.client_cpu_ms_per_token:4.1f} ms",
+                        f" ms, client {f.client_cpu_ms_per_token:4.1f} ms"
+                        + (f"  FAILED STREAMS: {f.failed}" if f.failed else ""),
                         flush=True,
                     )
     finally:
@@ -243,6 +259,10 @@ def report(
             ratio = f"   {median('mlxlm', n) / median('mlx_lm', n):5.2f}"
         print(f"{n:7d}  " + "  ".join(cells) + ratio)
     print("(tok/s, its ratio to the first client count, server CPU time per token)")
+    for k in names:
+        failed = sum(f.failed for f in figures if f.server == k)
+        if failed:
+            print(f"{k}: {failed} streams failed (their tokens are not counted)")
 
 
 if __name__ == "__main__":
