@@ -131,9 +131,9 @@ DEFAULT_TUNINGS = Tunings()
 # Small arrays are a trap for a kernel that reads them: MLX's CUDA allocator puts arrays of
 # up to 8 bytes in one shared managed-memory pool that the host writes whenever it makes a
 # scalar, so a kernel reading the rope position from there paid a page migration, ~17 us,
-# at every launch (ncu, H200 and H100). Position and periods therefore live in buffers of
-# their own (16 KB: MLX's allocation page), written on the device.
-_SIDE = 4096  # elements of the position and period buffers
+# at every launch (ncu, H200 and H100). Position and periods therefore live in arrays of
+# more than 8 bytes, written on the device.
+_SIDE = 16  # elements of the position buffer
 _positions = threading.local()  # per thread: the last rope position, its buffer, and ones
 _period_buffers: dict[tuple, mx.array] = {}
 
@@ -168,12 +168,8 @@ def _periods(rope: Rope) -> mx.array:
     else:
         assert rope.base is not None
         periods = rope.base ** (mx.arange(0, rope.dims, 2, dtype=mx.float32) / rope.dims)
-    key = tuple(periods.tolist())
-    if key not in _period_buffers:
-        padded = mx.concatenate([periods, mx.ones((_SIDE - periods.size,), mx.float32)])
-        mx.eval(padded)
-        _period_buffers[key] = padded
-    return _period_buffers[key]
+    key = tuple(periods.tolist())  # evaluated on the device: never written by the host
+    return _period_buffers.setdefault(key, periods)
 
 
 @dataclass(frozen=True)
