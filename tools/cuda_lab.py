@@ -1,9 +1,17 @@
-"""Experiments for the CUDA decode kernels (mlxlm_core._cuda_kernels): correctness, per-kernel
-bandwidth against MLX's ops, and whole-step timings. Run on a CUDA machine:
+"""Experiments behind the CUDA decode kernels (mlxlm_core._cuda_kernels, _cuda_layers).
 
-    python tools/cuda_lab.py kernels|sweep|decode|step [...]
+Run on a CUDA machine (BENCHMARKS.md's GPU section quotes what they found):
 
-Prints one JSON object per experiment (and appends them to $OUT/lab.jsonl when OUT is set).
+    python tools/cuda_lab.py kernels          # every variant vs a float32 reference (JSON lines)
+    python tools/cuda_lab.py rope             # the rotary epilogue vs mx.fast.rope
+    python tools/cuda_lab.py decode           # fused vs unfused step: logits, host build time,
+                                              # decode tokens/s beside MLX-LM (one process)
+    ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \
+        python tools/cuda_lab.py sweepncu [multi] | sweepq4 | step fused|unfused|fused-q4 \
+        > report.csv && python tools/ncu_summary.py report.csv [--order|--wide]
+
+The ncu modes run their kernels once between cudaProfilerStart/Stop after a warm-up.
+JSON results are also appended to $OUT/lab.jsonl when OUT is set.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import mlx.nn as nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from mlxlm_core import _cuda_kernels as ck  # noqa: E402
+from mlxlm_core import _cuda_kernels as ck
 
 BF = mx.bfloat16
 
@@ -133,90 +141,6 @@ def check_kernels(only_rope: bool = False) -> None:
     ck.POISON = None
 
 
-def timed(fn, reps: int) -> float:
-    """Seconds per call of ``fn()`` (which returns arrays), many calls per evaluation."""
-    mx.eval(fn())
-    mx.synchronize()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        outs = [fn() for _ in range(reps)]
-        mx.eval(outs)
-        mx.synchronize()
-        times.append((time.perf_counter() - start) / reps)
-    return statistics.median(times)
-
-
-class Rot:
-    """Cycles over distinct weight sets so repeated calls stream from memory, not L2."""
-
-    def __init__(self, make, count: int):
-        self.items = [make() for _ in range(count)]
-        mx.eval(self.items)
-        self.i = 0
-
-    def next(self):
-        self.i = (self.i + 1) % len(self.items)
-        return self.items[self.i]
-
-
-def bench_ops(tunings: list[ck.Tuning]) -> None:
-    eps = 1e-5
-    x1 = rnd(1, 2048)
-    x8 = rnd(1, 8192)
-    nw = rnd(2048) + 1
-    cases = {
-        "o 2048x2048": (lambda: rnd(2048, 2048, scale=0.02), x1, 12),
-        "gate 8192x2048": (lambda: rnd(8192, 2048, scale=0.02), x1, 8),
-        "down 2048x8192": (lambda: rnd(2048, 8192, scale=0.02), x8, 8),
-        "head 128256x2048": (lambda: rnd(128256, 2048, scale=0.02), x1, 2),
-    }
-    for name, (make, x, count) in cases.items():
-        rot = Rot(make, count)
-        nbytes = rot.items[0].nbytes
-        t = timed(lambda: x @ rot.next().T, 64)
-        emit({"bench": name, "impl": "mlx", "us": t * 1e6, "GBs": nbytes / t / 1e9})
-        for tune in tunings:
-            if rot.items[0].shape[0] % tune.rows_per_warp:
-                continue
-            t = timed(lambda: ck.linear(x, rot.next(), tune=tune), 64)
-            emit({"bench": name, "impl": str(tune), "us": t * 1e6, "GBs": nbytes / t / 1e9})
-    # Fused variants against MLX's sequence of ops (best default tuning).
-    from mlxlm_core._cuda_layers import DEFAULT_TUNINGS as tn
-
-    qkv = Rot(lambda: [rnd(2048, 2048), rnd(512, 2048), rnd(512, 2048)], 8)
-    gu = Rot(lambda: [rnd(8192, 2048), rnd(8192, 2048)], 4)
-    down = Rot(lambda: rnd(2048, 8192), 8)
-    res = rnd(1, 2048)
-
-    def mlx_qkv():
-        h = mx.fast.rms_norm(x1, nw, eps)
-        return [h @ w.T for w in qkv.next()]
-
-    def mlx_gu():
-        h = mx.fast.rms_norm(x1, nw, eps)
-        g, u = gu.next()
-        return nn.silu(h @ g.T) * (h @ u.T)
-
-    variants = {
-        "qkv+norm": (mlx_qkv, lambda: ck.multi_linear(x1, qkv.next(), norm=nw, tune=tn.qkv), 12e6),
-        "gateup+norm+silu": (
-            mlx_gu,
-            lambda: ck.swiglu(x1, *gu.next(), norm=nw, tune=tn.gate_up),
-            2 * 8192 * 2048 * 2,
-        ),
-        "down+res": (
-            lambda: res + x8 @ down.next().T,
-            lambda: ck.linear(x8, down.next(), residual=res, tune=tn.down),
-            2048 * 8192 * 2,
-        ),
-    }
-    for name, (ref, ours, nbytes) in variants.items():
-        for impl, fn in (("mlx", ref), ("ours", ours)):
-            t = timed(fn, 64)
-            emit({"bench": name, "impl": impl, "us": t * 1e6, "GBs": nbytes / t / 1e9})
-
-
 def bandwidths() -> None:
     from bench_cuda import copy_bandwidth
 
@@ -306,21 +230,6 @@ def decode(check: bool = True) -> None:
             "runs": rows,
         }
     )
-
-
-def env_sweep() -> None:
-    import subprocess
-
-    configs = [
-        {"MLX_MAX_OPS_PER_BUFFER": "100", "MLX_MAX_MB_PER_BUFFER": "10000"},
-        {"MLX_MAX_OPS_PER_BUFFER": "400", "MLX_MAX_MB_PER_BUFFER": "10000"},
-        {"MLX_MAX_OPS_PER_BUFFER": "1000", "MLX_MAX_MB_PER_BUFFER": "100000"},
-    ]
-    for extra in configs:
-        env = {**os.environ, **extra}
-        subprocess.run(
-            [sys.executable, __file__, "decode-nocheck"], env=env, timeout=150, check=False
-        )
 
 
 def _cudart():
@@ -506,27 +415,11 @@ if __name__ == "__main__":
         check_kernels()
     elif what == "rope":
         check_kernels(only_rope=True)
-    elif what == "sweep":
-        tunings = [
-            ck.Tuning(*t)
-            for t in (
-                (4, 1, 8, 1),
-                (8, 2, 8, 4),
-                (8, 2, 8, 2),
-                (8, 1, 8, 4),
-                (4, 2, 8, 2),
-                (8, 4, 4, 4),
-                (4, 2, 4, 1),
-            )
-        ]
-        bench_ops([ck.DEFAULT_TUNING, *[t for t in tunings if t != ck.DEFAULT_TUNING]])
     elif what == "decode":
         bandwidths()
         decode()
     elif what == "decode-nocheck":
         decode(check=False)
-    elif what == "envsweep":
-        env_sweep()
     elif what == "sweepncu":
         sweep_ncu()
     elif what == "sweepq4":

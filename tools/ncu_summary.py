@@ -9,7 +9,8 @@ import collections
 import csv
 import sys
 
-rows = list(csv.reader(open(sys.argv[1])))
+with open(sys.argv[1]) as report:
+    rows = list(csv.reader(report))
 start = next(i for i, r in enumerate(rows) if "Kernel Name" in r)
 hdr, data = rows[start], rows[start + 1 :]
 col = {
@@ -56,7 +57,7 @@ for r in data:
     launch["metrics"][r[col["Metric Name"]]] = (number, unit)
 
 if "--wide" in sys.argv:
-    for lid, launch in launches.items():
+    for launch in launches.values():
         metrics = " ".join(
             f"{k.split('__')[-1]}={v:.4g}{u if u not in ('', 'register/thread') else ''}"
             for k, (v, u) in launch["metrics"].items()
