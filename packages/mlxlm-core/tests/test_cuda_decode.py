@@ -63,7 +63,10 @@ def _model(model_type: str = "llama", dtype: mx.Dtype = mx.bfloat16, **overrides
 # -- policy and dispatch (every machine) ---------------------------------------------------
 
 
-def test_policy_choice_and_refusals() -> None:
+def test_policy_choice_and_refusals(monkeypatch) -> None:
+    monkeypatch.setenv("MLXLM_DECODE_KERNELS", "mlx")
+    assert choose_policy().decode_kernels == "mlx"  # the environment overrides auto
+    monkeypatch.delenv("MLXLM_DECODE_KERNELS")
     policy = choose_policy()
     assert policy.decode_kernels == ("fused" if policy.backend == "cuda" else "mlx")
     assert "decode=" in policy.describe()

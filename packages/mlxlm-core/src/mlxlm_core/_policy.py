@@ -27,12 +27,12 @@ Linux CPU backend (BENCHMARKS.md, DESIGN.md §8):
   as in MLX-LM; a CUDA- or Metal-specific choice belongs in ``_BACKENDS`` with its numbers;
 - on CUDA, decoding one sequence is bound by MLX's per-operation host cost (~5 us each,
   ~450 per Llama-3.2-1B step) more than by memory: llama-style blocks in bfloat16/float16
-  switch to fused one-row kernels (:mod:`._cuda_layers`, ~9 operations per block instead
-  of ~25) - ``decode_kernels="fused"``. Prompts and batches keep MLX's matmuls.
+  and 4-bit switch to fused one-row kernels (:mod:`._cuda_layers`, ~9 operations per block
+  instead of ~25) - ``decode_kernels="fused"``. Prompts and batches keep MLX's matmuls.
 
 Overrides: ``load(..., dtype=..., weight_mode=...)``, the CLI's ``--dtype`` / ``--weight-mode``,
 ``choose_policy(decode_kernels="mlx", matvec="mlx")``, the environment's ``MLXLM_MATVEC``
-(``mlx`` or ``planes``) and ``MLXLM_MALLOC=off``.
+(``mlx`` or ``planes``), ``MLXLM_DECODE_KERNELS`` (``mlx`` or ``fused``) and ``MLXLM_MALLOC=off``.
 ``mlxlm generate --verbose`` prints :meth:`ExecutionPolicy.describe`.
 """
 
@@ -79,6 +79,7 @@ WEIGHT_MODES = ("auto", "native", "quantized", "dense")
 
 # How one-row decode steps run: "mlx" (MLX's ops, as MLX-LM) or "fused" (CUDA kernels of ours)
 DECODE_KERNELS = ("auto", "mlx", "fused")
+DECODE_KERNELS_ENV = "MLXLM_DECODE_KERNELS"  # overrides "auto"
 
 # How a "quantized" layer multiplies one row: "mlx" (MLX's quantized kernel) or "planes"
 # (:mod:`._quant_matvec`, CPU only). MLXLM_MATVEC in the environment overrides "auto".
@@ -185,6 +186,8 @@ def choose_policy(
         matvec = os.environ.get(MATVEC_ENV, "auto").lower() or "auto"
     if matvec not in MATVECS:
         raise InvalidArgumentError(f"matvec must be one of {', '.join(MATVECS)}; got {matvec!r}")
+    if decode_kernels == "auto":
+        decode_kernels = os.environ.get(DECODE_KERNELS_ENV, "auto").lower() or "auto"
     if decode_kernels not in DECODE_KERNELS:
         raise InvalidArgumentError(
             f"decode_kernels must be one of {', '.join(DECODE_KERNELS)}; got {decode_kernels!r}"
