@@ -130,7 +130,8 @@ def supported(x: mx.array, *weights: Weight) -> bool:
             return False
         if isinstance(w, Q4) and (w.group_size not in Q4_GROUPS or w.weight.dtype != mx.uint32):
             return False
-    return all(weights[0].group_size == w.group_size for w in weights) if quant else True
+    groups = {w.group_size for w in weights if isinstance(w, Q4)}
+    return len(groups) <= 1
 
 
 def _kernel(kind: str, n_weights: int, group: int | None, norm: bool, res: bool, eps: float, rope):

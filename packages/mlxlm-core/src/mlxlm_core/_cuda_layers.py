@@ -273,7 +273,9 @@ def _compile_parts(layer: FusedDecoderLayer, fmt: tuple[int, ...], tunings: Tuni
     def weights(arrays: Sequence[mx.array]) -> list[ck.Weight]:
         if not fmt:
             return list(arrays)
-        return [ck.Q4(*arrays[i : i + 3], fmt[0]) for i in range(0, len(arrays), 3)]
+        return [
+            ck.Q4(arrays[i], arrays[i + 1], arrays[i + 2], fmt[0]) for i in range(0, len(arrays), 3)
+        ]
 
     def before(x, norm, *rest):
         *arrays, offset = rest
@@ -378,9 +380,9 @@ def convert_decode_layers(
     count = 0
     for module in model.modules():
         if type(module) is FusedDecoderLayer and not enabled:
-            module.__class__ = llama.DecoderLayer
+            module.__class__ = llama.DecoderLayer  # type: ignore[assignment]
         elif enabled and eligible(module):
-            module.__class__ = FusedDecoderLayer
+            module.__class__ = FusedDecoderLayer  # type: ignore[assignment]
             object.__setattr__(module, "_compiled", None)
             object.__setattr__(module, "_checked", ())
             if tunings is not None:
