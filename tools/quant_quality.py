@@ -8,7 +8,9 @@ built-in evaluation prose (``mlxlm_core/data/eval.txt``), which the calibration 
 (``mlxlm_quant/data/calibration.txt``) does not contain.
 
 The target (issue 6): at 3 bits each learned method cuts RTN's perplexity increase over
-float16 by at least 30 %. Results are cached per row in ``--out`` (JSON), so an interrupted
+float16 by at least 30 %. Bits per weight are MLX-LM's count (scales and biases included),
+so the dynamic rows at 3.5 have exactly the budget of uniform 3-bit g64; one applies the
+allocation with GPTQ, the other rounds it (what the allocation alone buys). Results are cached per row in ``--out`` (JSON), so an interrupted
 run resumes; the table is printed in Markdown with each row's time and the total.
 
 Usage: uv run --frozen python tools/quant_quality.py [--rows a,b] [--out FILE]
@@ -20,7 +22,9 @@ import argparse
 import copy
 import json
 import math
+import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import mlxlm_core  # noqa: F401  isort: skip  (first: it loads the optimised BLAS under MLX)
@@ -39,11 +43,13 @@ ROWS = {
     "awq3": ("AWQ affine 3-bit g64", ("awq", 3)),
     "gptq3": ("GPTQ affine 3-bit g64", ("gptq", 3)),
     "dwq3": ("DWQ affine 3-bit g64 (from RTN)", ("dwq", 3)),
-    "dynamic3.5": ("dynamic 3.5 bpw (2-8 bit g64, Fisher)", ("dynamic", 3.5)),
+    "dynamic3.5": ("dynamic 3.5 bpw, GPTQ-applied", ("dynamic", 3.5)),
+    "dynamic3.5-rtn": ("dynamic 3.5 bpw, rounded (the allocation alone)", ("dynamic-rtn", 3.5)),
     "mxfp4": ("mxfp4 (g32)", ("mxfp4", 4)),
     "nvfp4": ("nvfp4 (g16)", ("nvfp4", 4)),
 }
-LEARNED = ("awq3", "gptq3", "dwq3", "dynamic3.5")
+_DYNAMIC: dict[tuple[float, int], tuple[QuantRecipe, float]] = {}
+LEARNED = ("awq3", "gptq3", "dwq3", "dynamic3.5", "dynamic3.5-rtn")
 
 
 def perplexity(model: nn.Module, windows: mx.array) -> tuple[float, int]:
@@ -68,15 +74,30 @@ def build(
     method, bits = spec
     if method in ("mxfp4", "nvfp4"):
         quantize(model, QuantRecipe(bits=4, mode=method))
-    elif method == "dynamic":
-        recipe, _ = dynamic_recipe(
-            model,
-            calib[: args.sensitivity_samples],
-            target_bpw=bits,
-            base=QuantRecipe(bits=2, group_size=64),
-        )
-        quantize(model, recipe)
-        info["widths"] = sorted({r.bits for r in recipe.rules})
+    elif method in ("dynamic", "dynamic-rtn"):
+        key = (bits, args.sensitivity_samples)
+        if key not in _DYNAMIC:  # both dynamic rows share one allocation
+            t0 = time.perf_counter()
+            mx.random.seed(0)
+            _DYNAMIC[key] = (
+                dynamic_recipe(
+                    model,
+                    calib[: args.sensitivity_samples],
+                    target_bpw=bits,
+                    base=QuantRecipe(bits=2, group_size=64),
+                )[0],
+                time.perf_counter() - t0,
+            )
+        recipe, seconds = _DYNAMIC[key]
+        info["allocation_s"] = round(seconds, 1)
+        info["specs"] = {
+            f"{b}-bit g{g}": n
+            for (b, g), n in sorted(Counter((r.bits, r.group_size) for r in recipe.rules).items())
+        }
+        if method == "dynamic":
+            quantize(model, recipe, method="gptq", tokens=calib)
+        else:
+            quantize(model, recipe)
     elif method == "dwq":
         quantize(
             model,
@@ -127,6 +148,7 @@ def main() -> None:
     calib = calibration_windows(
         tokenizer, num_samples=args.num_samples, sequence_length=args.sequence_length
     )
+    args.calib_shape = tuple(calib.shape)  # the corpus may hold fewer windows than asked
     dwq_tokens = calibration_windows(
         tokenizer, num_samples=args.dwq_samples, sequence_length=args.dwq_length
     )
@@ -143,6 +165,7 @@ def main() -> None:
             "quantize_s": round(q_seconds, 1),
             "total_s": round(time.perf_counter() - t0, 1),
             "cpu_s": round(time.process_time() - c0, 1),
+            "load": [round(v, 2) for v in os.getloadavg()],  # 1/5/15-min, at the row's end
         }
         out.write_text(json.dumps(results, indent=1))
         print(f"{name}: ppl {ppl:.3f} ({results[name]['total_s']} s)", flush=True)
@@ -154,8 +177,9 @@ def print_table(results: dict, args: argparse.Namespace, seconds: float) -> None
     rtn3 = results.get("rtn3", {}).get("ppl")
     print(
         f"\nHeld-out: mlxlm_core/data/eval.txt, {results.get('float16', {}).get('tokens')} "
-        f"predictions; calibration: built-in corpus, {args.num_samples} x "
-        f"{args.sequence_length} tokens (DWQ: {args.dwq_samples} x {args.dwq_length}, "
+        f"predictions; calibration: built-in corpus, {args.calib_shape[0]} x "
+        f"{args.calib_shape[1]} tokens (dynamic's sensitivities: the first "
+        f"{args.sensitivity_samples}; DWQ: {args.dwq_samples} x {args.dwq_length}, "
         f"{args.dwq_steps} steps, lr {args.dwq_lr:g})\n"
     )
     print(
@@ -176,9 +200,12 @@ def print_table(results: dict, args: argparse.Namespace, seconds: float) -> None
         )
     total = sum(r["total_s"] for r in results.values())
     cpu = sum(r.get("cpu_s", 0) for r in results.values())
+    loads = [r["load"][0] for r in results.values() if "load" in r]
     print(
         f"\nSum of row times: {total:.0f} s wall, {cpu:.0f} s CPU (rows with a CPU figure); "
         f"this invocation: {seconds:.0f} s"
+        + (f"; 1-minute load average {min(loads):.1f} to {max(loads):.1f}" if loads else "")
+        + ". The dynamic rows share one allocation, timed in the first of them."
     )
 
 

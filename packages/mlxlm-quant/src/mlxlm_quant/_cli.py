@@ -167,13 +167,15 @@ def run_method(args: argparse.Namespace, method: str) -> int:
 
         assert tokens is not None
 
-        widths = tuple(int(b) for b in args.widths.split(","))
+        widths = _ints(args.widths, "--widths")
+        groups = _ints(args.group_sizes, "--group-sizes") if args.group_sizes else None
         recipe, _ = dynamic_recipe(
             model,
             tokens,
             target_bpw=args.target_bpw,
             base=recipe,
             bits=widths,
+            group_sizes=groups,
             estimator=args.estimator,
             progress=progress,
         )
@@ -206,6 +208,15 @@ def run_method(args: argparse.Namespace, method: str) -> int:
     return 0
 
 
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    from mlxlm_core import InvalidArgumentError
+
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise InvalidArgumentError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
 def _add_quantize(parser: argparse.ArgumentParser) -> None:
     _add_common(parser, calibrate=True)
     parser.add_argument(
@@ -229,9 +240,15 @@ def _add_dynamic(parser: argparse.ArgumentParser) -> None:
         "--target-bpw",
         type=float,
         required=True,
-        help="bits per weight to reach (scales and float layers included)",
+        help="bits per weight to reach, counted as MLX-LM does (scales, biases and float "
+        "layers included: uniform 3-bit g64 is 3.5)",
     )
     parser.add_argument("--widths", default="2,3,4,5,6,8", help="candidate bit widths")
+    parser.add_argument(
+        "--group-sizes",
+        default=None,
+        help="candidate group sizes (default: the recipe's and, for affine, 128 too)",
+    )
     parser.add_argument(
         "--estimator",
         choices=("fisher", "gradient"),
