@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 from mlxlm_core import load, save
 from mlxlm_core._cli.main import main
@@ -68,7 +69,7 @@ def test_dense_mode_counts_its_float_copies(q4: Path, capsys) -> None:
     assert code == 0, err
     engine = json.loads(out)["engines"]["mlxlm"]
     model, _ = load(q4, weight_mode="dense")
-    norms = sum(m.weight.nbytes for m in model.modules() if type(m).__name__ == "RMSNorm")
+    norms = sum(m.weight.nbytes for m in model.modules() if isinstance(m, nn.RMSNorm))
     assert engine["decode_bytes"] == model.policy.dense_bytes + norms
     assert "weight_mode=dense" in engine["policy"]
 

@@ -33,6 +33,10 @@ def _packed(rows: int, cols: int, bits: int, group_size: int, seed: int):
     return mx.quantize(w, group_size=group_size, bits=bits)
 
 
+def _ours(x, packed, bits, group_size):
+    return qmv.quantized_matvec(x, qmv.plane_weights(*packed, bits=bits, group_size=group_size))
+
+
 def _reference(x, packed, bits, group_size):
     return mx.quantized_matmul(x, *packed, transpose=True, group_size=group_size, bits=bits)
 
@@ -43,7 +47,7 @@ def test_matches_mlx_kernel(bits: int, group_size: int) -> None:
     rows, cols = 200, 512
     packed = _packed(rows, cols, bits, group_size, seed=bits * 1000 + group_size)
     x = mx.random.normal((1, 1, cols), key=mx.random.key(7))
-    ours = qmv.quantized_matvec(x, *packed, bits=bits, group_size=group_size)
+    ours = _ours(x, packed, bits, group_size)
     ref = _reference(x, packed, bits, group_size)
     assert ours.shape == ref.shape == (1, 1, rows)
     scale = float(mx.abs(ref).max())
@@ -59,10 +63,12 @@ def test_chunked_rows_equal_whole(monkeypatch: pytest.MonkeyPatch) -> None:
     rows, cols, bits, gs = 3000, 256, 8, 32
     packed = _packed(rows, cols, bits, gs, seed=3)
     x = mx.random.normal((cols,), key=mx.random.key(4))
-    whole = qmv.quantized_matvec(x, *packed, bits=bits, group_size=gs)
+    whole = _ours(x, packed, bits, gs)
     monkeypatch.setattr(qmv, "WHOLE_BYTES", 4096)
     monkeypatch.setattr(qmv, "SPLIT_BYTES", 4 * 64 * 7)  # 7 rows per chunk: 429 chunks
-    chunked = qmv.quantized_matvec(x, *packed, bits=bits, group_size=gs)
+    views = qmv.plane_weights(*packed, bits=bits, group_size=gs)
+    assert len(views.chunks) == 429
+    chunked = qmv.quantized_matvec(x, views)
     ref = _reference(x[None], packed, bits, gs)[0]
     assert chunked.shape == (rows,)
     assert float(mx.abs(chunked - whole).max()) <= 1e-6 * float(mx.abs(ref).max())
@@ -77,7 +83,7 @@ def test_inputs_shared_between_layers_and_not_confused() -> None:
     x = mx.random.normal((1, cols), key=mx.random.key(12))
     y = mx.random.normal((1, cols), key=mx.random.key(13))
     cases = [(x, a, 32), (x, b, 32), (x, c, 64), (y, a, 32), (x, a, 32)]
-    outs = [qmv.quantized_matvec(v, *m, bits=4, group_size=g) for v, m, g in cases]
+    outs = [_ours(v, m, 4, g) for v, m, g in cases]
     for ours, (v, m, g) in zip(outs, cases):
         ref = _reference(v, m, 4, g)
         assert float(mx.abs(ours - ref).max()) <= 2e-6 * float(mx.abs(ref).max())

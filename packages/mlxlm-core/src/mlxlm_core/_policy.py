@@ -23,6 +23,10 @@ Linux CPU backend (BENCHMARKS.md, DESIGN.md §8):
 - on CPU, glibc's malloc is told to keep freed buffers in the heap (:mod:`._malloc`): MLX
   allocates every temporary with malloc, and glibc's defaults mapped and zero-filled the
   few-MB buffers of each decoding step anew (~40% of a step's CPU time with the planes);
+- on CPU, ropes and RMS norms (no MLX CPU kernel: ~29 and ~11 graph nodes per call, each
+  scheduled from the Python thread) become :mod:`._cpu_layers`' stand-ins: one rotation
+  table per decoding step shared by all layers, fused norms; the ``native`` mode keeps
+  MLX-LM's execution throughout (MLX's kernels, glibc's defaults, MLX's rope and norm);
 - on GPU backends (CUDA, Metal) the checkpoint's dtype and MLX's quantized kernels stay,
   as in MLX-LM; a CUDA- or Metal-specific choice belongs in ``_BACKENDS`` with its numbers;
 - on CUDA, decoding one sequence is bound by MLX's per-operation host cost (~5 us each,
@@ -123,6 +127,7 @@ class ExecutionPolicy:
     fused_layers: int = 0  # blocks running the fused kernels, once applied
     matvec: str = "mlx"  # "quantized": how one row multiplies, "mlx" or "planes" (see MATVECS)
     malloc: str = "default"  # CPU: glibc's heap settings (see _malloc), once applied
+    cpu_layers: str = "none"  # CPU: ropes / RMS norms run by _cpu_layers' stand-ins, once applied
 
     def describe(self) -> str:
         dtype = self.dtype or "checkpoint dtype"
@@ -134,7 +139,9 @@ class ExecutionPolicy:
         decode = self.decode_kernels
         if decode == "fused":
             decode += f" ({self.fused_layers} blocks)"
-        cpu = f"matvec={self.matvec} malloc={self.malloc} " if self.backend == "cpu" else ""
+        cpu = ""
+        if self.backend == "cpu":
+            cpu = f"matvec={self.matvec} cpu_layers={self.cpu_layers} malloc={self.malloc} "
         return (
             f"backend={self.backend} dtype={dtype} weight_mode={mode} "
             f"prefill_step={self.prefill_step_size} decode={decode} {cpu}blas={self.blas} "
@@ -305,10 +312,22 @@ def apply_policy(model: nn.Module, policy: ExecutionPolicy) -> ExecutionPolicy:
         matvec=policy.matvec == "planes",
     )
     total = sum(c.nbytes for c in dense_copies(model))
-    malloc = (
-        keep_heap() if policy.backend == "cpu" and policy.weight_mode != "native" else "default"
-    )
+    cpu_tuned = policy.backend == "cpu" and policy.weight_mode != "native"
+    malloc = keep_heap() if cpu_tuned else "default"
+    cpu_layers = "none"
+    if policy.backend == "cpu":
+        from ._cpu_layers import convert_cpu_layers  # imports models.rope: not at import
+
+        counts = convert_cpu_layers(model, enabled=cpu_tuned)
+        if any(counts.values()):
+            cpu_layers = f"{counts['rope']} shared ropes, {counts['rms_norm']} fused norms"
     fused = convert_decode_layers(model, enabled=policy.decode_kernels == "fused")
     return ExecutionPolicy(
-        **{**policy.__dict__, "dense_bytes": total, "fused_layers": fused, "malloc": malloc}
+        **{
+            **policy.__dict__,
+            "dense_bytes": total,
+            "fused_layers": fused,
+            "malloc": malloc,
+            "cpu_layers": cpu_layers,
+        }
     )

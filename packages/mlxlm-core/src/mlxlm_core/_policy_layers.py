@@ -25,7 +25,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from ._quant_matvec import quantized_matvec, supports
+from ._quant_matvec import PlaneWeights, plane_weights, quantized_matvec, supports
 
 __all__ = [
     "PolicyQuantizedEmbedding",
@@ -100,16 +100,15 @@ class _PolicyMixin:
             return None
         bits, group_size = self.bits, self.group_size  # type: ignore[attr-defined]
         mode = getattr(self, "mode", "affine")
-        if not supports(x, bits, group_size, mode, self["scales"]):  # type: ignore[index]
+        source = (self["weight"], self["scales"], self["biases"])  # type: ignore[index]
+        if not supports(x, bits, group_size, mode, source[1]):
             return None
-        return quantized_matvec(
-            x,
-            self["weight"],  # type: ignore[index]
-            self["scales"],  # type: ignore[index]
-            self["biases"],  # type: ignore[index]
-            bits=bits,
-            group_size=group_size,
-        )
+        # Views of the packed weights, made once (no memory); remade if they were replaced.
+        views: PlaneWeights | None = getattr(self, "_planes", None)
+        if views is None or any(a is not b for a, b in zip(views.source, source)):
+            views = plane_weights(*source, bits=bits, group_size=group_size)
+            object.__setattr__(self, "_planes", views)
+        return quantized_matvec(x, views)
 
 
 class PolicyQuantizedLinear(_PolicyMixin, nn.QuantizedLinear):

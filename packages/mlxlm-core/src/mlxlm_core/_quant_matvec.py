@@ -28,10 +28,18 @@ Used for single-row inputs by :mod:`._policy_layers` when the execution policy s
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import mlx.core as mx
 
-__all__ = ["SPLIT_BYTES", "WHOLE_BYTES", "quantized_matvec", "supports"]
+__all__ = [
+    "SPLIT_BYTES",
+    "WHOLE_BYTES",
+    "PlaneWeights",
+    "plane_weights",
+    "quantized_matvec",
+    "supports",
+]
 
 # The packed weights viewed as integers of four quantized values each, per bit width.
 _VIEWS = {2: mx.uint8, 4: mx.uint16, 8: mx.uint32}
@@ -82,60 +90,81 @@ def supports(x: mx.array, bits: int, group_size: int, mode: str, scales: mx.arra
     )
 
 
-def _ones(n: int) -> mx.array:
-    cache: dict[int, mx.array] = _local.__dict__.setdefault("ones", {})
-    if n not in cache:
-        cache[n] = mx.ones((n,), dtype=mx.float32)
-    return cache[n]
+@dataclass(frozen=True)
+class PlaneWeights:
+    """A layer's packed weights as the kernel reads them: views, no copy.
+
+    ``chunks`` holds, per chunk of rows, the words as ``(rows, groups, words per group)``
+    and the scales and biases as ``(rows, groups)``; ``source`` the arrays they view, so a
+    caller can tell when the layer's weights were replaced.
+    """
+
+    rows: int
+    bits: int
+    group_size: int
+    chunks: tuple[tuple[mx.array, mx.array, mx.array], ...]
+    source: tuple[mx.array, mx.array, mx.array]
+
+
+def plane_weights(
+    weight: mx.array, scales: mx.array, biases: mx.array, *, bits: int, group_size: int
+) -> PlaneWeights:
+    """Views of MLX's packed layout (uint32, ``transpose=True``) for :func:`quantized_matvec`."""
+    rows, groups = scales.shape
+    words = weight.view(_VIEWS[bits]).reshape(rows, groups, group_size // _LANES)
+    row_bytes = 4 * words.shape[1] * words.shape[2]
+    step = rows if rows * row_bytes <= WHOLE_BYTES else max(1, SPLIT_BYTES // row_bytes)
+    chunks = tuple(
+        (words[i : i + step], scales[i : i + step], biases[i : i + step])
+        if step < rows
+        else (words, scales, biases)
+        for i in range(0, rows, step)
+    )
+    return PlaneWeights(rows, bits, group_size, chunks, (weight, scales, biases))
 
 
 def _planes(x: mx.array, group_size: int) -> tuple[list[mx.array], mx.array]:
-    """``x`` (one row) as four contiguous planes and its per-group sums; memoised per thread."""
+    """``x`` (one row) as four planes ``(1, groups, group_size / 4)`` and its group sums.
+
+    Memoised per thread for the last input, so layers fed the same array share them.
+    """
     last = getattr(_local, "last", None)
     if last is not None and last[0] is x and last[1] == group_size:
         return last[2], last[3]
-    k = x.shape[-1]
-    row = x.reshape(k)
-    # Reshaping the transposed view copies it: each plane becomes a contiguous row.
-    grid = row.reshape(k // _LANES, _LANES).T.reshape(_LANES, k // _LANES)
-    planes = [grid[p] for p in range(_LANES)]
-    sums = row.reshape(k // group_size, group_size).sum(axis=-1)
+    groups = x.shape[-1] // group_size
+    # (4, groups, group_size / 4), made contiguous: x[4j + p] is plane p, position j.
+    grid = mx.contiguous(x.reshape(groups, group_size // _LANES, _LANES).transpose(2, 0, 1))
+    planes = [grid[p : p + 1] for p in range(_LANES)]
+    sums = grid.sum(axis=(0, 2))
     _local.last = (x, group_size, planes, sums)
     return planes, sums
 
 
-def quantized_matvec(
-    x: mx.array,
-    weight: mx.array,
-    scales: mx.array,
-    biases: mx.array,
-    *,
-    bits: int,
-    group_size: int,
-) -> mx.array:
+def _ones(n: int) -> mx.array:
+    """A column of ones (n, 1): a matrix-vector product against it sums rows."""
+    cache: dict[int, mx.array] = _local.__dict__.setdefault("ones", {})
+    if n not in cache:
+        cache[n] = mx.ones((n, 1), dtype=mx.float32)
+    return cache[n]
+
+
+def quantized_matvec(x: mx.array, weights: PlaneWeights) -> mx.array:
     """``x @ dequantize(weight, scales, biases).T`` for one row ``x`` of shape ``(..., K)``.
 
-    ``weight`` is MLX's packed uint32 layout (``transpose=True``); see :func:`supports`.
+    ``weights`` comes from :func:`plane_weights`; see :func:`supports` for what is served.
+    Each chunk costs six graph nodes (MLX schedules every node from the Python thread, a few
+    microseconds each, so 2-D matmuls against column vectors: no expand/squeeze nodes).
     """
-    rows = weight.shape[0]
-    groups = x.shape[-1] // group_size
-    words = weight.view(_VIEWS[bits])
-    planes, sums = _planes(x, group_size)
-    per_group = group_size // _LANES
-    kernel = _KERNELS[bits]
-    row_bytes = 4 * words.shape[1]
-    chunk = rows if rows * row_bytes <= WHOLE_BYTES else max(1, SPLIT_BYTES // row_bytes)
+    planes, sums = _planes(x, weights.group_size)
+    kernel = _KERNELS[weights.bits]
+    per_group = weights.group_size // _LANES
+    ones = _ones(per_group)
+    groups_ones = _ones(sums.shape[0])
     parts = []
-    for start in range(0, rows, chunk):
-        stop = min(rows, start + chunk)
-        n = stop - start
-        part = words if n == rows else words[start:stop]
-        products = kernel(part, *planes)
-        t = (products.reshape(n * groups, per_group) @ _ones(per_group)).reshape(n, groups)
-        if n != rows:
-            scale_part, bias_part = scales[start:stop], biases[start:stop]
-        else:
-            scale_part, bias_part = scales, biases
-        parts.append(_finish_kernel(t, scale_part, bias_part, sums).sum(axis=-1))
+    for words, scales, biases in weights.chunks:
+        rows, groups = scales.shape
+        products = kernel(words, *planes).reshape(rows * groups, per_group)
+        t = (products @ ones).reshape(rows, groups)  # sums within each group
+        parts.append(_finish_kernel(t, scales, biases, sums) @ groups_ones)  # (rows, 1)
     y = parts[0] if len(parts) == 1 else mx.concatenate(parts)
-    return y.reshape(*x.shape[:-1], rows)
+    return y.reshape(*x.shape[:-1], weights.rows)
