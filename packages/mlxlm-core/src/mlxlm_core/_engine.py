@@ -304,8 +304,7 @@ class BatchGenerator:
         """Start prefilling the next batch of waiting prompts and feed what is admitted."""
         step = self.prefill_step_size or prefill_step_for(self.model)
         if not self._prefilling and self._waiting:
-            taking = sum(len(j.requests) for j in self._prefilling)
-            room = self.completion_batch_size - len(self._active) - taking
+            room = self.completion_batch_size - len(self._active)
             count = max(0, min(room, self.prefill_batch_size))
             batch, self._waiting = self._waiting[:count], self._waiting[count:]
             # Fresh prompts are fed together, left-padded; a prompt with a prefix cache
