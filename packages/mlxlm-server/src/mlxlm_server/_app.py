@@ -44,8 +44,8 @@ def batched_weights() -> Iterator[None]:
 
     On CPU, core's ``auto`` weight mode can keep quantized weights packed for one-row
     products (its plane kernel), and then every step of a batch dequantizes every layer:
-    batch 8 on the default model cost ~7x batch 1 that way, against ~2x with the dense
-    copy. So, unless ``MLXLM_MATVEC`` says otherwise, loads inside this block take auto's
+    batch 8 on the default model cost ~5.5x batch 1's CPU that way, against ~2x with the
+    dense copy under MKL. So, unless ``MLXLM_MATVEC`` says otherwise, loads inside this block take auto's
     other rule: a dense float copy where an optimised BLAS runs it and it fits the memory
     budget, packed weights otherwise. An explicit ``--weight-mode`` is left alone.
     """

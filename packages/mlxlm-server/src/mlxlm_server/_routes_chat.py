@@ -199,7 +199,8 @@ async def _stream(
                         [ChunkChoice(index=p.index, delta=Delta(content=""), logprobs=logprobs)]
                     )
                 if finish is not None:
-                    yield chunk([ChunkChoice(index=p.index, delta=Delta(), finish_reason=finish)])
+                    done = ChunkChoice(index=p.index, delta=Delta(), finish_reason=finish)  # type: ignore[arg-type]
+                    yield chunk([done])
         completion = sum(counts.values())
         state.metrics.generated_tokens.inc(completion)
         if include_usage:

@@ -171,7 +171,7 @@ async def messages(req: MessagesRequest, request: Request) -> Any:
         )
 
     async def events() -> AsyncIterator[bytes]:
-        start = {
+        start: dict[str, Any] = {
             "id": mid, "type": "message", "role": "assistant", "content": [], "model": req.model,
             "stop_reason": None, "stop_sequence": None,
             "usage": {"input_tokens": len(prompt), "output_tokens": 0},
