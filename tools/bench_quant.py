@@ -10,16 +10,21 @@ with our tokens). Settings are matched where the implementations allow:
   embedding as the output head.
 - AWQ 4-bit g64 with the embedding at 4-bit g32 (MLX-LM's defaults), grid 20 both.
 
-Each row reports wall time, our/their time ratio (target <= 1.0) and perplexity on core's
-held-out evaluation text (weights dequantized to float32 for evaluation).
+Each method runs ``--trials`` times per implementation, alternating which goes first; the
+table gives median wall and CPU seconds, the ratio of the medians (target <= 1.0) and the
+range of the per-trial ratios, with the 1-minute load average seen. Perplexity (weights
+dequantized to float32) is on core's held-out evaluation text and, as a second, larger
+held-out set, on the calibration corpus's windows that calibration did not use.
 
-Usage: uv run --frozen python tools/bench_quant.py [--num-samples N] [--sequence-length L]
+Usage: uv run --frozen python tools/bench_quant.py [--methods gptq,awq] [--trials N]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -34,14 +39,18 @@ from mlxlm_core.quantize import dequantize_model
 from mlxlm_quant import LayerRule, QuantRecipe, calibration_windows, quantize
 
 
-def perplexity(model: nn.Module, windows: mx.array) -> float:
-    dequantize_model(model)
+def nll(model: nn.Module, windows: mx.array) -> tuple[float, int]:
     total, count = 0.0, 0
     for row in windows:
         logits = model(row[None, :-1]).astype(mx.float32)
         total += float(nn.losses.cross_entropy(logits, row[None, 1:], reduction="sum"))
         count += row.shape[0] - 1
-    return math.exp(total / count)
+    return total, count
+
+
+def perplexities(model: nn.Module, sets: list[mx.array]) -> list[float]:
+    dequantize_model(model)
+    return [math.exp(t / n) for t, n in (nll(model, s) for s in sets if s.shape[0])]
 
 
 def mlx_lm_model(path: Path) -> nn.Module:
@@ -90,11 +99,18 @@ def ours(method: str, path: Path, tokens: mx.array) -> nn.Module:
     return model
 
 
+def timed(fn, *args) -> tuple[nn.Module, float, float]:
+    t0, c0 = time.perf_counter(), time.process_time()
+    model = fn(*args)
+    return model, time.perf_counter() - t0, time.process_time() - c0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--sequence-length", type=int, default=256)
     parser.add_argument("--methods", default="gptq,awq")
+    parser.add_argument("--trials", type=int, default=3)
     parser.add_argument(
         "--skip-mlx-lm", action="store_true", help="only ours (MLX-LM's AWQ takes ~40 min here)"
     )
@@ -103,39 +119,60 @@ def main() -> None:
     dequantize_model(model)
     config = {k: v for k, v in config.items() if not k.startswith("quantization")}
     windows = mx.array(token_windows(tokenizer, [builtin_text()], sequence_length=512))
-    tokens = calibration_windows(
-        tokenizer, num_samples=args.num_samples, sequence_length=args.sequence_length
-    )
+    corpus = calibration_windows(tokenizer, num_samples=-1, sequence_length=args.sequence_length)
+    tokens, unused = corpus[: args.num_samples], corpus[args.num_samples :]
     print(
-        f"calibration {tokens.shape[0]} x {tokens.shape[1]} tokens; "
-        f"held-out {windows.shape[0]} x 512 tokens"
+        f"calibration {tokens.shape[0]} x {tokens.shape[1]} tokens; held-out: eval.txt "
+        f"{windows.shape[0]} x 512 tokens, unused calibration windows {unused.shape[0]} x "
+        f"{unused.shape[1]}; {args.trials} trial(s), order alternating; "
+        f"load at start {os.getloadavg()[0]:.1f}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         path = save(Path(tmp) / "float", model, tokenizer, config, dtype="float32")
         print(
             "| method | mlxlm-quant wall / CPU (s) | MLX-LM wall / CPU (s) | ratio wall / CPU "
-            "| ppl mlxlm-quant | ppl MLX-LM |"
+            "(per-trial wall) | ppl eval.txt ours / MLX-LM | ppl unused windows ours / "
+            "MLX-LM | load |"
         )
-        print("|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|")
         for method in args.methods.split(","):
-            t0, c0 = time.perf_counter(), time.process_time()
-            mine = ours(method, path, tokens)
-            t_ours, c_ours = time.perf_counter() - t0, time.process_time() - c0
-            if args.skip_mlx_lm:
+            runs: dict[str, list[tuple[float, float]]] = {"ours": [], "theirs": []}
+            kept: dict[str, nn.Module] = {}
+            loads = []
+            for trial in range(args.trials):
+                order = ["ours", "theirs"] if trial % 2 == 0 else ["theirs", "ours"]
+                for who in order:
+                    if who == "theirs" and args.skip_mlx_lm:
+                        continue
+                    fn = ours if who == "ours" else theirs
+                    result, wall, cpu = timed(fn, method, path, tokens)
+                    runs[who].append((wall, cpu))
+                    kept.setdefault(who, result)
+                    loads.append(os.getloadavg()[0])
+                    print(
+                        f"  {method} {who} trial {trial + 1}: {wall:.1f} s wall, {cpu:.1f} s CPU",
+                        flush=True,
+                    )
+            med = {
+                who: (statistics.median(w for w, _ in r), statistics.median(c for _, c in r))
+                for who, r in runs.items()
+                if r
+            }
+            ppl = {who: perplexities(m, [windows, unused]) for who, m in kept.items()}
+            mine = f"{med['ours'][0]:.0f} / {med['ours'][1]:.0f}"
+            if "theirs" not in med:
                 print(
-                    f"| {method} 4-bit g64 | {t_ours:.0f} / {c_ours:.0f} | - | - | "
-                    f"{perplexity(mine, windows):.3f} | - |",
-                    flush=True,
+                    f"| {method} 4-bit g64 | {mine} | - | - | {ppl['ours'][0]:.3f} / - | "
+                    f"{ppl['ours'][-1]:.3f} / - | {min(loads):.1f}-{max(loads):.1f} |"
                 )
                 continue
-            t0, c0 = time.perf_counter(), time.process_time()
-            other = theirs(method, path, tokens)
-            t_theirs, c_theirs = time.perf_counter() - t0, time.process_time() - c0
+            per_trial = [a[0] / b[0] for a, b in zip(runs["ours"], runs["theirs"])]
             print(
-                f"| {method} 4-bit g64 | {t_ours:.0f} / {c_ours:.0f} | "
-                f"{t_theirs:.0f} / {c_theirs:.0f} | {t_ours / t_theirs:.2f} / "
-                f"{c_ours / c_theirs:.2f} | {perplexity(mine, windows):.3f} | "
-                f"{perplexity(other, windows):.3f} |",
+                f"| {method} 4-bit g64 | {mine} | {med['theirs'][0]:.0f} / {med['theirs'][1]:.0f} "
+                f"| {med['ours'][0] / med['theirs'][0]:.2f} / {med['ours'][1] / med['theirs'][1]:.2f} "
+                f"({min(per_trial):.2f}-{max(per_trial):.2f}) | {ppl['ours'][0]:.3f} / "
+                f"{ppl['theirs'][0]:.3f} | {ppl['ours'][-1]:.3f} / {ppl['theirs'][-1]:.3f} | "
+                f"{min(loads):.1f}-{max(loads):.1f} |",
                 flush=True,
             )
 

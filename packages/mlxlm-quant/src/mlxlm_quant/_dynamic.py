@@ -24,7 +24,7 @@ can be saved, inspected, edited, and applied by rounding or by a learned quantiz
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -80,7 +80,7 @@ def _qdq(w: mx.array, spec: QuantSpec) -> mx.array:
 def layer_sensitivities(
     model: nn.Module,
     tokens: mx.array,
-    candidates: dict[str, Sequence[QuantSpec]],
+    candidates: Mapping[str, Sequence[QuantSpec]],
     *,
     estimator: str = "fisher",
     progress: Progress | None = None,
@@ -150,7 +150,7 @@ def layer_sensitivities(
 
 
 def allocate(
-    candidates: dict[str, Sequence[QuantSpec]],
+    candidates: Mapping[str, Sequence[QuantSpec]],
     sens: dict[str, dict[QuantSpec, float]],
     sizes: dict[str, int],
     *,
