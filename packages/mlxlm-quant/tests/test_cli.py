@@ -65,7 +65,8 @@ def test_learned_commands_record_calibration(
     assert recorded["calibration"] == {"data": str(calib_file), "samples": 4, "sequence_length": 32}
 
 
-def test_dynamic_quant_command(tiny: Path, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
+def test_dynamic_quant_command(tiny: Path, tmp_path: Path, monkeypatch, quantizer: str) -> None:
     out = tmp_path / "out"
     code = _run(
         dynamic_main,
@@ -80,13 +81,24 @@ def test_dynamic_quant_command(tiny: Path, tmp_path: Path, monkeypatch) -> None:
             "2",
             "--sequence-length",
             "32",
+            "--quantizer",
+            quantizer,
         ],
         monkeypatch,
     )
     assert code == 0
     recorded = json.loads((out / "config.json").read_text())["quantization_recipe"]
-    assert recorded["method"] == "dynamic+rtn"
+    assert recorded["method"] == f"dynamic+{quantizer}"
     assert recorded["bits_per_weight"] <= 4.0
+
+
+def test_dynamic_quant_rejects_bad_widths(tiny: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny), "--mlx-path", str(out), "--target-bpw", "4"]
+    code = _run(dynamic_main, [*argv, "--group-sizes", "64,x"], monkeypatch)
+    assert code != 0
+    assert "--group-sizes takes comma-separated integers" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def _foreign(tiny: Path, tmp_path: Path, block: dict) -> Path:
