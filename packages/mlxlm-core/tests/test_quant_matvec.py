@@ -89,6 +89,42 @@ def test_inputs_shared_between_layers_and_not_confused() -> None:
         assert float(mx.abs(ours - ref).max()) <= 2e-6 * float(mx.abs(ref).max())
 
 
+@pytest.mark.parametrize("count", [2, 3, 7])
+def test_several_rows_match_mlx_kernel(count: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A few rows (a small batch, speculative verification) in one pass of the graph."""
+    rows, cols, bits, gs = 700, 256, 4, 32
+    packed = _packed(rows, cols, bits, gs, seed=20 + count)
+    x = mx.random.normal((count, 1, cols), key=mx.random.key(21))
+    ref = _reference(x, packed, bits, gs)
+    whole = _ours(x, packed, bits, gs)
+    monkeypatch.setattr(qmv, "WHOLE_BYTES", 4096)
+    monkeypatch.setattr(qmv, "SPLIT_BYTES", 4 * 64 * 50)  # chunks of 50 // count rows
+    views = qmv.plane_weights(*packed, bits=bits, group_size=gs, inputs=count)
+    assert len(views.chunks) == -(-rows // (50 // count))
+    chunked = qmv.quantized_matvec(x, views)
+    scale = float(mx.abs(ref).max())
+    for ours in (whole, chunked):
+        assert ours.shape == ref.shape == (count, 1, rows)
+        assert float(mx.abs(ours - ref).max()) <= 2e-6 * scale
+
+
+def test_layer_takes_planes_below_plane_rows(mixed_dir: Path) -> None:
+    """Fewer than PLANE_ROWS rows run the plane kernel, more dequantize: both equal MLX's."""
+    from mlxlm_core._policy_layers import PLANE_ROWS
+
+    model, _ = load(mixed_dir)
+    layer = model.model.layers[0].mlp.up_proj
+    cols = layer.scales.shape[1] * layer.group_size
+    for count in (1, 2, PLANE_ROWS - 1, PLANE_ROWS, PLANE_ROWS + 3):
+        x = mx.random.normal((1, count, cols), key=mx.random.key(count))
+        ref = mx.quantized_matmul(
+            x, layer.weight, layer.scales, layer.biases, transpose=True, group_size=32, bits=4
+        )
+        assert float(mx.abs(layer(x) - ref).max()) <= 2e-6 * float(mx.abs(ref).max())
+    # Views were made per power-of-two row count, only for the counts the kernel served.
+    assert sorted(layer._planes) == [1, 2, PLANE_ROWS]
+
+
 def test_unsupported_inputs_are_refused() -> None:
     x32 = mx.zeros((1, 256))
     scales = mx.zeros((4, 8))

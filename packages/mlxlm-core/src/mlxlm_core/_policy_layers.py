@@ -12,9 +12,11 @@ biases stay the parameters. Only the product changes, in one of two ways:
   chunk, a batch), the layer's weight is dequantized for this call only and multiplied as
   float. Dequantizing costs about one quantized matrix-vector product, so from two rows on
   it wins, and memory stays that of the packed weights plus one layer's float weight;
-- *plane kernel* for one row (``matvec=True``): :func:`._quant_matvec.quantized_matvec`,
-  MLX's compiled elementwise kernels and the BLAS instead of MLX's scalar quantized kernel
-  (3-4x faster on CPU), on the packed weights as they are.
+- *plane kernel* for inputs of fewer than ``PLANE_ROWS`` rows (``matvec=True``): decoding
+  one sequence, a small batch, speculative verification.
+  :func:`._quant_matvec.quantized_matvec` uses MLX's compiled elementwise kernels and the
+  BLAS instead of MLX's scalar quantized kernel (3-4x faster on CPU for one row), on the
+  packed weights as they are.
 
 A dense copy goes stale if the packed weight is replaced (``load_weights``, ``update``): each
 call checks that the arrays it was made from are still the layer's, and rebuilds otherwise.
@@ -95,30 +97,43 @@ class _PolicyMixin:
         return None
 
     def _plane_product(self, x: mx.array) -> mx.array | None:
-        """``x`` times the weight by the plane kernel, or None where it does not apply."""
-        if not self._matvec or _rows(x) != 1 or "biases" not in self:  # type: ignore[operator]
+        """``x`` times the weight by the plane kernel, or None where it does not apply
+        (no plane kernel, a dense copy, ``PLANE_ROWS`` rows or more, an unsupported layer)."""
+        rows = _rows(x)
+        if not self._matvec or rows >= PLANE_ROWS or "biases" not in self:  # type: ignore[operator]
+            return None
+        if self.dense_weight() is not None:
             return None
         bits, group_size = self.bits, self.group_size  # type: ignore[attr-defined]
         mode = getattr(self, "mode", "affine")
         source = (self["weight"], self["scales"], self["biases"])  # type: ignore[index]
         if not supports(x, bits, group_size, mode, source[1]):
             return None
-        # Views of the packed weights, made once (no memory); remade if they were replaced.
-        views: PlaneWeights | None = getattr(self, "_planes", None)
-        if views is None or any(a is not b for a, b in zip(views.source, source)):
-            views = plane_weights(*source, bits=bits, group_size=group_size)
+        # Views of the packed weights (no memory), per power-of-two row count since chunks
+        # shrink as rows grow; made once, remade if the weights were replaced.
+        bucket = 1 << (rows - 1).bit_length()
+        views: dict[int, PlaneWeights] = getattr(self, "_planes", None) or {}
+        made = views.get(bucket)
+        if made is None or not _same(made.source, source):
+            made = plane_weights(*source, bits=bits, group_size=group_size, inputs=bucket)
+            views = {k: v for k, v in views.items() if _same(v.source, source)}
+            views[bucket] = made
             object.__setattr__(self, "_planes", views)
-        return quantized_matvec(x, views)
+        return quantized_matvec(x, made)
+
+
+def _same(a: tuple[mx.array, ...], b: tuple[mx.array, ...]) -> bool:
+    return all(x is y for x, y in zip(a, b))
 
 
 class PolicyQuantizedLinear(_PolicyMixin, nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
+        y = self._plane_product(x)
+        if y is not None:
+            return y + self["bias"] if "bias" in self else y
         weight = self._float_weight(x)
         if weight is None:
-            y = self._plane_product(x)
-            if y is None:
-                return super().__call__(x)
-            return y + self["bias"] if "bias" in self else y
+            return super().__call__(x)
         if "bias" in self:
             return mx.addmm(self["bias"], x, weight.T)
         return x @ weight.T
@@ -130,12 +145,19 @@ class PolicyQuantizedEmbedding(_PolicyMixin, nn.QuantizedEmbedding):
         return super().__call__(x) if dense is None else dense[x]
 
     def as_linear(self, x: mx.array) -> mx.array:
-        weight = self._float_weight(x)
-        if weight is not None:
-            return x @ weight.T
         y = self._plane_product(x)
-        return super().as_linear(x) if y is None else y
+        if y is not None:
+            return y
+        weight = self._float_weight(x)
+        return super().as_linear(x) if weight is None else x @ weight.T
 
+
+# Inputs with fewer rows than this take the plane kernel (when it applies), more rows
+# dequantize the layer for the BLAS. Its cost grows with the rows, dequantizing's does not:
+# measured (tools/bench_matvec.py shapes, MKL) a 1536x576 4-bit layer took 0.13 / 0.23 /
+# 0.47 / 0.87 ms for 1 / 2 / 4 / 8 rows against 0.81-0.95 ms dequantized, the 8-bit
+# 49152x576 output layer 5.9 / 10.3 / 19.4 / 37.8 ms against 92-102 ms.
+PLANE_ROWS = 8
 
 _SWAPS: dict[type, type] = {
     nn.QuantizedLinear: PolicyQuantizedLinear,

@@ -107,12 +107,19 @@ class PlaneWeights:
 
 
 def plane_weights(
-    weight: mx.array, scales: mx.array, biases: mx.array, *, bits: int, group_size: int
+    weight: mx.array,
+    scales: mx.array,
+    biases: mx.array,
+    *,
+    bits: int,
+    group_size: int,
+    inputs: int = 1,
 ) -> PlaneWeights:
-    """Views of MLX's packed layout (uint32, ``transpose=True``) for :func:`quantized_matvec`."""
+    """Views of MLX's packed layout (uint32, ``transpose=True``) for :func:`quantized_matvec`,
+    chunked for calls with up to ``inputs`` rows (the temporary grows with them)."""
     rows, groups = scales.shape
     words = weight.view(_VIEWS[bits]).reshape(rows, groups, group_size // _LANES)
-    row_bytes = 4 * words.shape[1] * words.shape[2]
+    row_bytes = 4 * words.shape[1] * words.shape[2] * inputs
     step = rows if rows * row_bytes <= WHOLE_BYTES else max(1, SPLIT_BYTES // row_bytes)
     chunks = tuple(
         (words[i : i + step], scales[i : i + step], biases[i : i + step])
@@ -124,18 +131,26 @@ def plane_weights(
 
 
 def _planes(x: mx.array, group_size: int) -> tuple[list[mx.array], mx.array]:
-    """``x`` (one row) as four planes ``(1, groups, group_size / 4)`` and its group sums.
+    """``x``'s rows as four planes and their group sums; memoised per thread for the last
+    input, so layers fed the same array share them.
 
-    Memoised per thread for the last input, so layers fed the same array share them.
+    One row: planes ``(1, groups, group_size / 4)``, sums ``(groups,)``. ``R`` rows: planes
+    ``(R, 1, groups, group_size / 4)`` (broadcast against a layer's rows), sums
+    ``(R, 1, groups)``.
     """
     last = getattr(_local, "last", None)
     if last is not None and last[0] is x and last[1] == group_size:
         return last[2], last[3]
-    groups = x.shape[-1] // group_size
-    # (4, groups, group_size / 4), made contiguous: x[4j + p] is plane p, position j.
-    grid = mx.contiguous(x.reshape(groups, group_size // _LANES, _LANES).transpose(2, 0, 1))
-    planes = [grid[p : p + 1] for p in range(_LANES)]
-    sums = grid.sum(axis=(0, 2))
+    groups, lanes = x.shape[-1] // group_size, group_size // _LANES
+    rows = x.size // x.shape[-1]
+    # Made contiguous: x[4j + p] is plane p, position j.
+    if rows == 1:
+        grid = mx.contiguous(x.reshape(groups, lanes, _LANES).transpose(2, 0, 1))
+        sums = grid.sum(axis=(0, 2))
+    else:
+        grid = mx.contiguous(x.reshape(rows, 1, groups, lanes, _LANES).transpose(4, 0, 1, 2, 3))
+        sums = grid.sum(axis=(0, 4))
+    planes = [grid[p] if rows > 1 else grid[p : p + 1] for p in range(_LANES)]
     _local.last = (x, group_size, planes, sums)
     return planes, sums
 
@@ -149,22 +164,33 @@ def _ones(n: int) -> mx.array:
 
 
 def quantized_matvec(x: mx.array, weights: PlaneWeights) -> mx.array:
-    """``x @ dequantize(weight, scales, biases).T`` for one row ``x`` of shape ``(..., K)``.
+    """``x @ dequantize(weight, scales, biases).T`` for a few rows ``x`` of shape ``(..., K)``.
 
     ``weights`` comes from :func:`plane_weights`; see :func:`supports` for what is served.
-    Each chunk costs six graph nodes (MLX schedules every node from the Python thread, a few
-    microseconds each, so 2-D matmuls against column vectors: no expand/squeeze nodes).
+    The kernel's work and temporary grow with the number of rows (one pass per row), the
+    graph does not: six nodes per chunk for one row, seven for several (MLX schedules every
+    node from the Python thread, a few microseconds each, hence 2-D matmuls against column
+    vectors: no expand/squeeze nodes).
     """
     planes, sums = _planes(x, weights.group_size)
     kernel = _KERNELS[weights.bits]
     per_group = weights.group_size // _LANES
     ones = _ones(per_group)
-    groups_ones = _ones(sums.shape[0])
+    groups_ones = _ones(sums.shape[-1])
+    count = x.size // x.shape[-1]
     parts = []
     for words, scales, biases in weights.chunks:
         rows, groups = scales.shape
-        products = kernel(words, *planes).reshape(rows * groups, per_group)
-        t = (products @ ones).reshape(rows, groups)  # sums within each group
-        parts.append(_finish_kernel(t, scales, biases, sums) @ groups_ones)  # (rows, 1)
-    y = parts[0] if len(parts) == 1 else mx.concatenate(parts)
+        products = kernel(words, *planes).reshape(count * rows * groups, per_group)
+        t = (products @ ones).reshape(count, rows, groups) if count > 1 else (products @ ones)
+        if count == 1:
+            t = t.reshape(rows, groups)  # sums within each group
+            parts.append(_finish_kernel(t, scales, biases, sums) @ groups_ones)  # (rows, 1)
+        else:
+            done = _finish_kernel(t, scales, biases, sums).reshape(count * rows, groups)
+            parts.append((done @ groups_ones).reshape(count, rows))
+    if count == 1:
+        y = parts[0] if len(parts) == 1 else mx.concatenate(parts)
+    else:
+        y = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
     return y.reshape(*x.shape[:-1], weights.rows)
