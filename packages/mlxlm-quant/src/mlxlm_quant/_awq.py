@@ -145,12 +145,22 @@ def _discover(
 
 
 def _verified(block, probe, extra, ref, modules, cand, variant, group, dim) -> bool:
+    """Folding random scales through ``cand`` leaves the block output unchanged.
+
+    The error is measured per output channel, against that channel's own magnitude: the
+    residual stream of later blocks carries a few massive channels (100x the rest), and an
+    error relative to the largest value overall let a wrong producer pass (``down_proj``
+    for ``o_proj``, whose widths match, seen on SmolLM2 from block 11 on).
+    """
     saved = block.parameters()
     s = mx.random.uniform(0.5, 2.0, (dim,), key=mx.random.key(dim))
     try:
         _fold(modules[cand], variant, [modules[p] for p in group], s)
         out = run_block(block, [probe], extra)[0]
-        err = float(mx.abs(out - ref).max()) / (float(mx.abs(ref).max()) + 1e-6)
+        width = ref.shape[-1]
+        scale = mx.abs(ref).reshape(-1, width).max(axis=0)
+        diff = mx.abs(out - ref).reshape(-1, width).max(axis=0)
+        err = float((diff / (scale + 1e-3 * mx.mean(scale) + 1e-12)).max())
         return err < 1e-3
     finally:
         block.update(saved)
