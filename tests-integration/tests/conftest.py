@@ -15,13 +15,40 @@ import mlxlm_core  # noqa: F401
 # isort: split
 
 import copy
+import importlib.util
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
+
+
+def _register_helper(name: str, path: Path) -> None:
+    """Make a helper module importable by ``name`` from the test modules.
+
+    ``--import-mode=importlib`` keeps test folders off ``sys.path``; this conftest is imported
+    before any test module of the folder, so registering here is enough.
+    """
+    if name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules[name])
+
+
+_HERE = Path(__file__).parent
+for _name in ("_launch", "_parity", "_gguf_reference"):
+    _register_helper(_name, _HERE / f"{_name}.py")
+# the GGUF package's tiny-model builders, shared with its own tests
+_register_helper(
+    "mlxlm_gguf_test_builders", _HERE.parents[1] / "packages/mlxlm-gguf/tests/_builders.py"
+)
+
 
 _COMMON: dict[str, Any] = {
     "hidden_size": 64,

@@ -11,21 +11,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from _launch import mlxlm_command  # registered by conftest.py
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 QUESTION = "What is the capital of France?"
-
-
-def _mlxlm() -> list[str]:
-    script = Path(sys.executable).parent / "mlxlm"
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-c", "from mlxlm_core._cli.main import entry; entry()"]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +35,7 @@ def offline_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 def test_generate_answers_paris(offline_env: dict[str, str]) -> None:
     proc = subprocess.run(
-        [*_mlxlm(), "generate", "--prompt", QUESTION, "--max-tokens", "24"],
+        [*mlxlm_command(), "generate", "--prompt", QUESTION, "--max-tokens", "24"],
         capture_output=True,
         text=True,
         env=offline_env,
@@ -60,7 +52,7 @@ def test_generate_answers_paris(offline_env: dict[str, str]) -> None:
 
 def test_chat_over_a_pipe_answers_paris(offline_env: dict[str, str]) -> None:
     proc = subprocess.run(
-        [*_mlxlm(), "chat", "--max-tokens", "24", "--json"],
+        [*mlxlm_command(), "chat", "--max-tokens", "24", "--json"],
         input=f"{QUESTION}\n",
         capture_output=True,
         text=True,

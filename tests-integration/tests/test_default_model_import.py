@@ -8,11 +8,10 @@ float reference model built from weights the `gguf` package dequantized.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
+import _gguf_reference as gguf_reference  # registered by conftest.py
 import gguf
 import jinja2
 import mlx.core as mx
@@ -20,15 +19,6 @@ import mlxlm_core
 import numpy as np
 import pytest
 from mlxlm_core._plugins import open_with_plugins
-
-if "_gguf_reference" not in sys.modules:  # --import-mode=importlib: load it by path
-    _spec = importlib.util.spec_from_file_location(
-        "_gguf_reference", Path(__file__).with_name("_gguf_reference.py")
-    )
-    assert _spec is not None and _spec.loader is not None
-    sys.modules["_gguf_reference"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["_gguf_reference"])
-gguf_reference = sys.modules["_gguf_reference"]
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

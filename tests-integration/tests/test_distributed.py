@@ -13,38 +13,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from _launch import mlxlm_command, rank_envs  # registered by conftest.py
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 QUESTION = "What is the capital of France?"
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _rank_envs(tmp: Path, base: dict[str, str]) -> list[dict[str, str]]:
-    hostfile = tmp / f"hosts-{time.monotonic_ns()}.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(2)]))
-    return [{**base, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(r)} for r in range(2)]
-
-
-def _mlxlm() -> list[str]:
-    script = Path(sys.executable).parent / "mlxlm"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "mlxlm_core._cli.main"]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +56,7 @@ def _run_ranks(argv: list[str], envs: list[dict[str, str]]) -> list[subprocess.C
 @pytest.fixture(scope="module")
 def single_answer(env: dict[str, str]) -> dict:
     proc = subprocess.run(
-        [*_mlxlm(), "generate", "--prompt", QUESTION, "--max-tokens", "16", "--json"],
+        [*mlxlm_command(), "generate", "--prompt", QUESTION, "--max-tokens", "16", "--json"],
         env=env,
         capture_output=True,
         text=True,
@@ -90,8 +68,8 @@ def single_answer(env: dict[str, str]) -> dict:
 
 @pytest.mark.parametrize("strategy", ["tensor", "pipeline"])
 def test_default_model_sharded_equals_one_process(strategy, env, single_answer, tmp_path):
-    argv = [*_mlxlm(), "generate", "--prompt", QUESTION, "--max-tokens", "16", "--json"]
-    ranks = _run_ranks([*argv, "--shard", strategy], _rank_envs(tmp_path, env))
+    argv = [*mlxlm_command(), "generate", "--prompt", QUESTION, "--max-tokens", "16", "--json"]
+    ranks = _run_ranks([*argv, "--shard", strategy], rank_envs(tmp_path, env))
     assert [r.returncode for r in ranks] == [0, 0], [r.stderr[-2000:] for r in ranks]
     answer = json.loads(ranks[0].stdout.strip().splitlines()[-1])
     assert answer["text"] == single_answer["text"]
@@ -160,7 +138,7 @@ TINY_MOE = {
 @pytest.mark.parametrize("strategy", ["tensor", "pipeline"])
 def test_tiny_moe_sharded_equals_one_process(strategy, env, tmp_path):
     argv = [sys.executable, "-c", _MOE_WORKER, json.dumps(TINY_MOE), strategy]
-    ranks = _run_ranks(argv, _rank_envs(tmp_path, env))
+    ranks = _run_ranks(argv, rank_envs(tmp_path, env))
     assert [r.returncode for r in ranks] == [0, 0], [r.stderr[-2000:] for r in ranks]
     for r in ranks:
         result = json.loads(r.stdout.strip().splitlines()[-1])
@@ -171,10 +149,10 @@ def test_tiny_moe_sharded_equals_one_process(strategy, env, tmp_path):
 
 
 def test_a_dying_rank_ends_the_other_with_a_clear_error(env, tmp_path):
-    argv = [*_mlxlm(), "generate", "--prompt", QUESTION, "--max-tokens", "4000"]
+    argv = [*mlxlm_command(), "generate", "--prompt", QUESTION, "--max-tokens", "4000"]
     # End-of-sequence tokens banned, so generation is still running when rank 1 dies.
     argv += ["--logit-bias", '{"0": -1000, "1": -1000, "2": -1000}', "--shard", "tensor"]
-    envs = _rank_envs(tmp_path, env)
+    envs = rank_envs(tmp_path, env)
     procs = [
         subprocess.Popen(argv, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for e in envs

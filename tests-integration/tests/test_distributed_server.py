@@ -16,12 +16,9 @@ Claims, through the official openai client, with MLX-LM (one process) as the ora
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +26,7 @@ from typing import Any
 
 import httpx
 import pytest
+from _launch import free_ports, mlxlm_command, rank_envs  # registered by conftest.py
 from mlxlm_server.testing import build_tiny_model
 
 openai = pytest.importorskip("openai")
@@ -37,27 +35,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 ASK = [{"role": "user", "content": "Tell me about the boats and the tide at dawn."}]
 ASK_2 = [{"role": "user", "content": "When does the small library open?"}]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _rank_envs(tmp: Path, base: dict[str, str]) -> list[dict[str, str]]:
-    hostfile = tmp / f"hosts-{time.monotonic_ns()}.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(2)]))
-    return [{**base, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(r)} for r in range(2)]
-
-
-def _mlxlm() -> list[str]:
-    script = Path(sys.executable).parent / "mlxlm"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "mlxlm_core._cli.main"]
 
 
 def mlx_lm_greedy(
@@ -92,17 +69,17 @@ class Ranks:
     """Two server ranks; always killed on exit."""
 
     def __init__(self, tiny: Path, strategy: str, tmp: Path, *extra: str) -> None:
-        self.port = _free_ports(1)[0]
+        self.port = free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
         argv = [
-            *_mlxlm(), "server", "--model", str(tiny), "--served-model-name", "tiny",
+            *mlxlm_command(), "server", "--model", str(tiny), "--served-model-name", "tiny",
             "--port", str(self.port), "--shard", strategy, "--shard-timeout", "10",
             "--log-level", "warning", *extra,
         ]  # fmt: skip
         self.procs = [
             subprocess.Popen(argv, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for e in _rank_envs(tmp, env)
+            for e in rank_envs(tmp, env)
         ]
 
     def __enter__(self) -> Ranks:

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from _launch import mlxlm_command, rank_envs  # registered by conftest.py
 from mlxlm_server.testing import build_tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -37,27 +35,6 @@ SENTENCE = (
     "the tide comes in twice a day and boats go out before dawn small library above post "
     "office opens on tuesday friday afternoons bread needs flour water salt time attention"
 )
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _rank_envs(tmp: Path, base: dict[str, str]) -> list[dict[str, str]]:
-    hostfile = tmp / f"hosts-{time.monotonic_ns()}.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(2)]))
-    return [{**base, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(r)} for r in range(2)]
-
-
-def _mlxlm() -> list[str]:
-    script = Path(sys.executable).parent / "mlxlm"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "mlxlm_core._cli.main"]
 
 
 def _write_data(folder: Path) -> Path:
@@ -85,7 +62,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _argv(setup: dict[str, Path]) -> list[str]:
     return [
-        *_mlxlm(), "lora", "--model", str(setup["model"]), "--data", str(setup["data"]),
+        *mlxlm_command(), "lora", "--model", str(setup["model"]), "--data", str(setup["data"]),
         "--iters", str(STEPS), "--batch-size", "4", "--optimizer", "adam", "--learning-rate", "1e-3",
         "--num-layers", "2", "--rank", "4", "--steps-per-report", "1", "--steps-per-eval", "4",
         "--val-batches", "-1", "--save-every", "4", "--report-to", "jsonl",
@@ -105,7 +82,7 @@ def test_two_ranks_train_like_one_process_with_the_doubled_batch(setup, tmp_path
     dirs = [tmp_path / name for name in ("single", "rank0", "rank1")]
     for d in dirs:
         d.mkdir()
-    envs = [env, *_rank_envs(tmp_path, env)]
+    envs = [env, *rank_envs(tmp_path, env)]
     # All three at once: the single process does not wait for the pair.
     procs = [
         subprocess.Popen(

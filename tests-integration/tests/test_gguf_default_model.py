@@ -14,13 +14,13 @@ Slow (one 260-token forward of the real model, a few llama.cpp runs): once per s
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
+import _gguf_reference as gguf_reference  # registered by conftest.py
 import gguf
 import mlx.core as mx
+import mlxlm_gguf_test_builders as builders  # registered by conftest.py
 import numpy as np
 import pytest
 from mlxlm_core import load
@@ -30,22 +30,6 @@ from mlxlm_gguf import export, import_gguf
 llama_cpp = pytest.importorskip("llama_cpp")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-_BUILDERS = Path(__file__).parents[2] / "packages/mlxlm-gguf/tests/_builders.py"
-_spec = importlib.util.spec_from_file_location("mlxlm_gguf_test_builders", _BUILDERS)
-assert _spec is not None and _spec.loader is not None
-builders = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(builders)
-
-if "_gguf_reference" not in sys.modules:  # --import-mode=importlib: load it by path
-    _spec = importlib.util.spec_from_file_location(
-        "_gguf_reference", Path(__file__).with_name("_gguf_reference.py")
-    )
-    assert _spec is not None and _spec.loader is not None
-    sys.modules["_gguf_reference"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["_gguf_reference"])
-gguf_reference = sys.modules["_gguf_reference"]
-
 N_TOKENS = 260
 N_DENSE = 64  # positions checked against the dense reference (a prefix: causal)
 

@@ -14,10 +14,10 @@ Figures: ``pytest -s`` prints one line per architecture.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import mlx.core as mx
+import mlxlm_gguf_test_builders as builders  # registered by conftest.py
 import numpy as np
 import pytest
 from mlxlm_core import load
@@ -27,12 +27,6 @@ from mlxlm_gguf import export, import_gguf
 llama_cpp = pytest.importorskip("llama_cpp")
 
 pytestmark = pytest.mark.timeout(600)
-
-_BUILDERS = Path(__file__).parents[2] / "packages/mlxlm-gguf/tests/_builders.py"
-_spec = importlib.util.spec_from_file_location("mlxlm_gguf_test_builders", _BUILDERS)
-assert _spec is not None and _spec.loader is not None
-builders = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(builders)
 
 OUT_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]
 EXTRA_TYPES = {"llama": ["q5_0", "q5_1"]}  # cheap extras, checked on one architecture

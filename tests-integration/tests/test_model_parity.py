@@ -10,12 +10,11 @@ left-padded batch against each row run alone, greedy tokens; and what we save (f
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import _parity as parity  # registered by conftest.py
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
@@ -25,14 +24,6 @@ from mlxlm_core import load_model
 from mlxlm_core.cache import make_prompt_cache
 from mlxlm_core.models import get_model_classes
 
-if "_parity" not in sys.modules:  # --import-mode=importlib: load the sibling helpers by path
-    _spec = importlib.util.spec_from_file_location(
-        "_parity", Path(__file__).with_name("_parity.py")
-    )
-    assert _spec is not None and _spec.loader is not None
-    sys.modules["_parity"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["_parity"])
-parity = sys.modules["_parity"]
 TOL, tokens, max_diff = parity.TOL, parity.tokens, parity.max_diff
 load_pair, reference, load_into = parity.load_pair, parity.reference, parity.load_into
 perturb_constants, greedy = parity.perturb_constants, parity.greedy
