@@ -170,3 +170,16 @@ def test_chunked_prefill_reports_progress_and_matches_one_chunk(tiny: Path) -> N
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
     assert seen[-1] == (57, 57) and all(t == 57 for _, t in seen)
     assert len(seen) >= 4  # 56 prompt tokens in chunks of 16, then the last token
+
+
+def test_a_shard_that_is_not_named_weights_is_refused(tiny: Path, tmp_path: Path) -> None:
+    # mx.load of a .npy gives one bare array; dict.update would take its rows as
+    # (key, value) pairs and load garbage, so the loader has to refuse the file by name.
+    folder = tmp_path / "odd-shard"
+    shutil.copytree(tiny, folder)
+    mx.save(str(folder / "extra.npy"), mx.zeros((3, 2)))
+    names = {k: "model.safetensors" for k in mx.load(str(tiny / "model.safetensors"))}
+    index = {"weight_map": {**names, "extra": "extra.npy"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"extra\.npy"):
+        load_model(folder)

@@ -63,9 +63,12 @@ def _read_weights(files: list[Path]) -> dict[str, mx.array]:
     weights: dict[str, mx.array] = {}
     for file in files:
         try:
-            weights.update(mx.load(str(file)))
+            loaded = mx.load(str(file))
         except (RuntimeError, ValueError, OSError) as exc:
             raise CheckpointError(f"{file}: cannot read safetensors ({exc})") from None
+        if not isinstance(loaded, dict):  # e.g. a single-array .npy named by an index
+            raise CheckpointError(f"{file}: not a safetensors file of named weights")
+        weights.update(loaded)
     return weights
 
 

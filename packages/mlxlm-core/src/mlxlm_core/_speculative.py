@@ -16,6 +16,7 @@ import mlx.nn as nn
 
 from ._engine import LogitsProcessor, ProgressCallback, Sampler, Sampling, decode_step, prefill
 from ._errors import InvalidArgumentError
+from ._mx_typed import int_list, item_int
 from .cache import KVCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
 
@@ -95,8 +96,8 @@ def speculative_generate_step(
         logits = model(proposed[None], cache=cache)[0, -(k + 1) :, :]
         chosen, logprobs = _sample_positions(logits, history, proposed, sampler, processors)
         mx.eval(chosen, drafts)
-        chosen_list = chosen.tolist()
-        draft_list = [int(d.item()) for d in drafts]
+        chosen_list = int_list(chosen)
+        draft_list = [item_int(d) for d in drafts]
         accepted = 0
         while accepted < k and draft_list[accepted] == chosen_list[accepted]:
             accepted += 1

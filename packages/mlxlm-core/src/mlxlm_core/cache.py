@@ -19,12 +19,13 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, overload
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_map, tree_unflatten
 
 from ._errors import CheckpointError, InvalidArgumentError
+from ._mx_typed import flat_items, int_list, item_int
 
 __all__ = [
     "CacheCapabilities",
@@ -73,11 +74,11 @@ class CachePolicy:
 
 
 def _cat_rows(*parts: mx.array) -> mx.array:
-    return mx.concatenate(parts, axis=0)
+    return mx.concatenate(list(parts), axis=0)
 
 
 def _cat_time(*parts: mx.array) -> mx.array:
-    return mx.concatenate(parts, axis=2)
+    return mx.concatenate(list(parts), axis=2)
 
 
 def _pad_time(x: mx.array, left: int, right: int = 0) -> mx.array:
@@ -124,7 +125,7 @@ class KVCache:
         """Append ``n`` new positions and return everything attention should see."""
         n = keys.shape[2]
         k_new, v_new = self._store(keys), self._store(values)
-        capacity = 0 if self.keys is None else tree_flatten(self.keys)[0][1].shape[2]
+        capacity = 0 if self.keys is None else flat_items(self.keys)[0][1].shape[2]
         if self.length + n > capacity:
             grow = ((n + self.step - 1) // self.step) * self.step
             k_more, v_more = self._alloc(k_new, grow), self._alloc(v_new, grow)
@@ -206,12 +207,12 @@ class KVCache:
         if self.batch_size == 0:
             return
         first = self.offset - self.length
-        common = int(mx.min(self.starts).item()) - first
+        common = item_int(mx.min(self.starts)) - first
         if common > 0 and self.keys is not None:
             self.keys = tree_map(lambda a: a[..., common:, :], self.keys)
             self.values = tree_map(lambda a: a[..., common:, :], self.values)
             self.length -= common
-        self.starts = self.starts - (int(mx.min(self.starts).item()))
+        self.starts = self.starts - item_int(mx.min(self.starts))
         self.valid_from = self.starts
         self.offset = self.length
         self._refresh_flags()
@@ -249,8 +250,8 @@ class KVCache:
     def meta_state(self) -> dict[str, Any]:
         return {
             "offset": self.offset,
-            "starts": [int(s) for s in self.starts.tolist()],
-            "valid_from": [int(s) for s in self.valid_from.tolist()],
+            "starts": int_list(self.starts),
+            "valid_from": int_list(self.valid_from),
         }
 
     @classmethod
@@ -261,7 +262,7 @@ class KVCache:
 
     def _restore(self, state: tuple[Any, Any], meta: dict[str, Any]) -> None:
         self.keys, self.values = state
-        self.length = tree_flatten(self.keys)[0][1].shape[2]
+        self.length = flat_items(self.keys)[0][1].shape[2]
         self.offset = int(meta["offset"])
         self.starts = mx.array(meta["starts"], dtype=mx.int32)
         self.valid_from = mx.array(meta.get("valid_from", meta["starts"]), dtype=mx.int32)
@@ -271,7 +272,7 @@ class KVCache:
     def nbytes(self) -> int:
         if self.keys is None:
             return 0
-        arrays = [a for _, a in tree_flatten(self.state)]
+        arrays = [a for _, a in flat_items(self.state)]
         return sum(a.nbytes for a in arrays)
 
     def empty(self) -> bool:
@@ -431,14 +432,18 @@ def cache_for_policy(
     bound = policy.max_kv_size
     if window is not None:
         bound = window if bound is None else min(bound, window)
-    shape = {"batch_size": batch_size, "left_padding": left_padding}
     if bound is not None:
         if policy.kv_bits is not None:
             raise InvalidArgumentError("kv_bits cannot be combined with a bounded (rotating) cache")
-        return RotatingKVCache(max_size=bound, **shape)
+        return RotatingKVCache(max_size=bound, batch_size=batch_size, left_padding=left_padding)
     if policy.kv_bits is not None:
-        return QuantizedKVCache(bits=policy.kv_bits, group_size=policy.kv_group_size, **shape)
-    return KVCache(**shape)
+        return QuantizedKVCache(
+            bits=policy.kv_bits,
+            group_size=policy.kv_group_size,
+            batch_size=batch_size,
+            left_padding=left_padding,
+        )
+    return KVCache(batch_size=batch_size, left_padding=left_padding)
 
 
 def merge_caches(per_sequence: Sequence[Sequence[KVCache]]) -> list[KVCache]:
@@ -516,7 +521,7 @@ def save_prompt_cache(
             raise InvalidArgumentError(f"{type(c).__name__} cannot be saved")
         if c.empty():
             raise InvalidArgumentError(f"layer {i}: an empty cache cannot be saved")
-        for key, arr in tree_flatten(c.state):
+        for key, arr in flat_items(c.state):
             arrays[f"{i}.{key}"] = arr
     layers = [{"type": type(c).__name__, "meta": c.meta_state} for c in cache]
     info = {"mlxlm.layers": json.dumps(layers), **(metadata or {})}
@@ -529,12 +534,35 @@ def save_prompt_cache(
         raise InvalidArgumentError(f"cannot write prompt cache {path}: {exc}") from None
 
 
+@overload
+def load_prompt_cache(
+    path: str | Path, *, return_metadata: Literal[False] = False
+) -> list[KVCache]: ...
+
+
+@overload
+def load_prompt_cache(
+    path: str | Path, *, return_metadata: Literal[True]
+) -> tuple[list[KVCache], dict[str, str]]: ...
+
+
+@overload
+def load_prompt_cache(
+    path: str | Path, *, return_metadata: bool
+) -> list[KVCache] | tuple[list[KVCache], dict[str, str]]: ...
+
+
 def load_prompt_cache(
     path: str | Path, *, return_metadata: bool = False
 ) -> list[KVCache] | tuple[list[KVCache], dict[str, str]]:
     """Read a file written by :func:`save_prompt_cache`."""
+    arrays: dict[str, mx.array]
+    info: dict[str, str]
     try:
-        arrays, info = mx.load(str(path), return_metadata=True)
+        loaded = mx.load(str(path), return_metadata=True)
+        # With return_metadata=True the result is always an (arrays, metadata) pair.
+        assert isinstance(loaded, tuple)
+        arrays, info = loaded
         layers = json.loads(info.pop("mlxlm.layers"))
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{path}: not a prompt-cache file ({exc})") from None

@@ -27,6 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ._errors import InvalidArgumentError, MlxlmError
+from ._mx_typed import item_int
 from .cache import KVCache, QuantizedKVCache
 from .models.sharding import split_ranges
 
@@ -64,10 +65,10 @@ def is_primary(group: mx.distributed.Group | None) -> bool:
 def agree_seed(group: mx.distributed.Group | None, seed: int | None) -> int:
     """One seed for every rank: the given one, or rank 0's random choice shared by all_sum."""
     if seed is not None or group is None:
-        chosen = seed if seed is not None else int(mx.random.randint(0, 2**31 - 1, ()).item())
+        chosen = seed if seed is not None else item_int(mx.random.randint(0, 2**31 - 1, ()))
     else:
         mine = mx.random.randint(0, 2**31 - 1, ()) if group.rank() == 0 else mx.array(0)
-        chosen = int(mx.distributed.all_sum(mine, group=group).item())
+        chosen = item_int(mx.distributed.all_sum(mine, group=group))
     mx.random.seed(chosen)
     return chosen
 

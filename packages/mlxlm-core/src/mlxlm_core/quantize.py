@@ -160,7 +160,7 @@ def quantize_model(
 
 def dequantize_model(model: nn.Module) -> nn.Module:
     """Replace every quantized linear/embedding by its float equivalent, in place."""
-    swaps = []
+    swaps: list[tuple[str, nn.Module]] = []
     for path, module in model.named_modules():
         if isinstance(module, nn.QuantizedLinear):
             weight = _dequantized_weight(module)

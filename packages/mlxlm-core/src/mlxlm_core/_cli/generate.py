@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .args import (
     add_cache_args,
@@ -18,6 +18,10 @@ from .args import (
     read_prompt,
 )
 from .command import Command, console
+
+if TYPE_CHECKING:
+    from .._generate import GenerationResponse
+    from ..cache import KVCache
 
 DEFAULT_PROMPT = "Hello"
 
@@ -82,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
 
         print(f"[mlxlm] {describe_policy(model)}", file=sys.stderr)
         print(f"[mlxlm] blas: {blas_info().describe()}", file=sys.stderr)
-    prompt_cache = None
+    prompt_cache: list[KVCache] | None = None
+    meta: dict[str, str] = {}
     if args.prompt_cache_file:
         prompt_cache, meta = load_prompt_cache(args.prompt_cache_file, return_metadata=True)
     prompt = build_prompt(args, tokenizer, text)
@@ -102,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if draft is not None:
         options.update(draft_model=draft, num_draft_tokens=args.num_draft_tokens)
-    pieces, last = [], None
+    pieces: list[str] = []
+    last: GenerationResponse | None = None
     for last in stream_generate(model, tokenizer, mx.array(prompt), **options):
         if not args.json:
             # The banner comes with the first token, so an error (e.g. an over-long prompt)
@@ -111,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
             print(banner + last.text, end="", flush=True)
         pieces.append(last.text)
     if args.json:
-        result = {"text": "".join(pieces)}
+        result: dict[str, Any] = {"text": "".join(pieces)}
         if last is not None:
             result.update(
                 prompt_tokens=last.prompt_tokens,
