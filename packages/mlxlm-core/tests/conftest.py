@@ -8,13 +8,33 @@ import mlxlm_core  # noqa: F401
 
 # isort: split
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+
+def _register_helper(name: str) -> None:
+    """Make the sibling helper module ``name`` importable by name from the test modules.
+
+    ``--import-mode=importlib`` keeps the tests folder off ``sys.path``; this conftest is
+    imported before any test module, so registering here is enough.
+    """
+    if name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    assert spec is not None and spec.loader is not None
+    sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules[name])
+
+
+for _name in ("_zoo", "_fixtures_tokenizers"):
+    _register_helper(_name)
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}"

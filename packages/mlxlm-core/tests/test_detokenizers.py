@@ -9,10 +9,7 @@ cut at random points. The tokenizers are tiny ones trained in code (see
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
+import _fixtures_tokenizers as fx  # registered by conftest.py
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,20 +18,6 @@ from mlxlm_core._detokenizers import NaiveStreamingDetokenizer
 from mlxlm_core._tokenizer import TokenizerWrapper, load_tokenizer
 from tokenizers import decoders
 
-
-def _fixtures():
-    name = "_mlxlm_core_fixtures_tokenizers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("_fixtures_tokenizers.py")
-        )
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules[name] = module
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return sys.modules[name]
-
-
-fx = _fixtures()
 PROPERTY = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

@@ -11,7 +11,6 @@ tests-integration/tests/test_model_parity.py.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -19,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _zoo as zoo  # registered by conftest.py
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
@@ -28,12 +28,6 @@ from mlxlm_core.adapters import adapter_parameters, apply_lora_layers, fuse_adap
 from mlxlm_core.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlxlm_core.models import SUPPORTED_MODEL_TYPES, get_model_classes
 
-if "_zoo" not in sys.modules:  # --import-mode=importlib: load the sibling helpers by path
-    _spec = importlib.util.spec_from_file_location("_zoo", Path(__file__).with_name("_zoo.py"))
-    assert _spec is not None and _spec.loader is not None
-    sys.modules["_zoo"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["_zoo"])
-zoo = sys.modules["_zoo"]
 ARCHS, CONFIGS, WINDOW = zoo.ARCHS, zoo.CONFIGS, zoo.WINDOW
 build, toks, windows = zoo.build, zoo.toks, zoo.windows
 max_diff, rel_diff, rel_l2 = zoo.max_diff, zoo.rel_diff, zoo.rel_l2

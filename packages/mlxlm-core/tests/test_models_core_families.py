@@ -6,10 +6,7 @@ test_models.py.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
+import _zoo as zoo  # registered by conftest.py
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -22,12 +19,6 @@ from mlxlm_core.models.switch_layers import (
     stack_experts,
 )
 
-if "_zoo" not in sys.modules:  # --import-mode=importlib: load the sibling helpers by path
-    _spec = importlib.util.spec_from_file_location("_zoo", Path(__file__).with_name("_zoo.py"))
-    assert _spec is not None and _spec.loader is not None
-    sys.modules["_zoo"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["_zoo"])
-zoo = sys.modules["_zoo"]
 CONFIGS, build, max_diff = zoo.CONFIGS, zoo.build, zoo.max_diff
 
 

@@ -5,10 +5,7 @@ their definitions recomputed here.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
+import _zoo as zoo  # registered by conftest.py
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -17,12 +14,6 @@ from mlx.utils import tree_flatten
 from mlxlm_core.cache import QuantizedKVCache, make_prompt_cache
 from mlxlm_core.models.base import attention
 
-if "_zoo" not in sys.modules:  # --import-mode=importlib: load the sibling helpers by path
-    _spec = importlib.util.spec_from_file_location("_zoo", Path(__file__).with_name("_zoo.py"))
-    assert _spec is not None and _spec.loader is not None
-    sys.modules["_zoo"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["_zoo"])
-zoo = sys.modules["_zoo"]
 WINDOW = zoo.WINDOW
 build, windows, toks, max_diff = zoo.build, zoo.windows, zoo.toks, zoo.max_diff
 _args = zoo.model_args

@@ -5,10 +5,7 @@ checked against float64 numpy written from transformers' definitions.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
+import _zoo as zoo  # registered by conftest.py
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -18,12 +15,6 @@ from mlxlm_core import UnsupportedError
 from mlxlm_core.cache import make_prompt_cache
 from mlxlm_core.models import get_model_classes
 
-if "_zoo" not in sys.modules:  # --import-mode=importlib: load the sibling helpers by path
-    _spec = importlib.util.spec_from_file_location("_zoo", Path(__file__).with_name("_zoo.py"))
-    assert _spec is not None and _spec.loader is not None
-    sys.modules["_zoo"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["_zoo"])
-zoo = sys.modules["_zoo"]
 CONFIGS, build, toks, max_diff = zoo.CONFIGS, zoo.build, zoo.toks, zoo.max_diff
 _np = zoo.to_numpy
 COMMON = zoo.configs.B_COMMON

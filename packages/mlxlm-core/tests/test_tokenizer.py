@@ -7,31 +7,15 @@ format.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import socket
-import sys
 from pathlib import Path
 
+import _fixtures_tokenizers as fx  # registered by conftest.py
 import pytest
 from mlxlm_core._errors import CheckpointError, InvalidArgumentError, ModelNotFoundError
 from mlxlm_core._tokenizer import TokenizerWrapper, load_tokenizer
 from tokenizers import Tokenizer
-
-
-def _fixtures():
-    name = "_mlxlm_core_fixtures_tokenizers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("_fixtures_tokenizers.py")
-        )
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules[name] = module
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return sys.modules[name]
-
-
-fx = _fixtures()
 
 WEATHER_TOOL = {
     "type": "function",
