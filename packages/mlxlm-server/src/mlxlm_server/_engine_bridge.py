@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, cast
 
 from mlxlm_core import BatchGenerator, MlxlmError
 from mlxlm_core.sampling import top_logprobs
@@ -50,12 +50,17 @@ class Slot:
     generator: BatchGenerator | None = None
 
 
+# Why a sequence ended: the engine's reasons ("stop": a stop token or stop string,
+# "length": max tokens); the routes map them onto each API's own vocabulary.
+FinishReason = Literal["stop", "length"]
+
+
 @dataclass
 class TokenEvent:
     token: int
     logprob: float | None
     top: list[tuple[int, float]] | None
-    finish_reason: str | None
+    finish_reason: FinishReason | None
 
 
 @dataclass
@@ -351,7 +356,10 @@ class EngineBridge:
             logprob = float(r.logprobs[r.token].item())
             if job.logprobs > 0:
                 ids, values = top_logprobs(r.logprobs, job.logprobs)
-                top = list(zip(ids.tolist(), values.tolist()))
+                # r.logprobs is one row, so ids/values are 1-d: ``tolist`` gives flat lists.
+                top = list(
+                    zip(cast("list[int]", ids.tolist()), cast("list[float]", values.tolist()))
+                )
         if r.finish_reason is not None:
             del uids[(slot.name, r.uid)]
             job.finished = True

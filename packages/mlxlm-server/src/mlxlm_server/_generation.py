@@ -18,7 +18,7 @@ from fastapi import Request
 from mlxlm_core import MlxlmError
 from mlxlm_core.sampling import make_logits_processors, make_sampler
 
-from ._engine_bridge import EngineBridge, Failed, Job
+from ._engine_bridge import EngineBridge, Failed, FinishReason, Job
 from ._errors import APIError, bad_request
 from ._vocab import token_bytes
 
@@ -143,7 +143,7 @@ class Piece:
     index: int  # which choice
     text: str
     tokens: list[TokenInfo]
-    finish_reason: str | None
+    finish_reason: FinishReason | None
     completion_tokens: int
     cached_tokens: int = 0
     stop_string: str | None = None  # the stop string that ended it, if one did
@@ -258,7 +258,7 @@ class Result:
     index: int
     text: str = ""
     tokens: list[TokenInfo] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     completion_tokens: int = 0
     cached_tokens: int = 0
     stop_string: str | None = None

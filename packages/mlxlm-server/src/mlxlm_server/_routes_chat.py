@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -36,6 +36,9 @@ from ._state import ServerState, new_id
 from ._tools import CallStreamer, ParsedCall, StreamEvent, ToolParser
 
 router = APIRouter()
+
+# The engine's finish reasons plus "tool_calls" (a reply the tool parser turned into calls).
+ChatFinish = Literal["stop", "length", "tool_calls"]
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 413, 429, 503)
 }
@@ -180,7 +183,7 @@ async def _stream(
                     if k is not None
                     else None
                 )
-                finish = p.finish_reason
+                finish: ChatFinish | None = p.finish_reason
                 streamer = streamers.get(p.index)
                 if streamer is None:
                     events = [StreamEvent("content", p.text)] if p.text else []
@@ -199,7 +202,7 @@ async def _stream(
                         [ChunkChoice(index=p.index, delta=Delta(content=""), logprobs=logprobs)]
                     )
                 if finish is not None:
-                    done = ChunkChoice(index=p.index, delta=Delta(), finish_reason=finish)  # type: ignore[arg-type]
+                    done = ChunkChoice(index=p.index, delta=Delta(), finish_reason=finish)
                     yield chunk([done])
         completion = sum(counts.values())
         state.metrics.generated_tokens.inc(completion)

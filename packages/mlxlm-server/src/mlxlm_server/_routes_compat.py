@@ -77,11 +77,12 @@ async def responses(req: ResponsesRequest, request: Request) -> Any:
     params = state.params(
         slot, req, max_tokens=state.max_tokens(req.max_output_tokens), logprobs=None
     )
-    fmt = req.text.format if req.text else None
-    if fmt is not None and fmt.type != "text":
+    text_opts = req.text
+    fmt = text_opts.format if text_opts else None
+    if text_opts is not None and fmt is not None and fmt.type != "text":
         state.response_format(
-            slot, ResponseFormat(type=fmt.type, json_schema=req.text.as_json_schema()), params
-        )  # type: ignore[union-attr]
+            slot, ResponseFormat(type=fmt.type, json_schema=text_opts.as_json_schema()), params
+        )
     prompt, pieces = await _start(state, request, slot, messages, params)
     rid, mid, created = new_id("resp"), new_id("msg"), int(time.time())
 

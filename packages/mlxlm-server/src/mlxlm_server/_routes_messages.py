@@ -16,7 +16,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -39,7 +39,8 @@ from ._tools import CallStreamer, StreamEvent
 
 router = APIRouter()
 
-_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}
+StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
+_STOP_REASONS: dict[str, StopReason] = {"stop": "end_turn", "length": "max_tokens"}
 _CHOICES = {"auto": "auto", "any": "required", "tool": "named", "none": "none"}
 
 
@@ -87,7 +88,7 @@ def chat_messages(req: MessagesRequest) -> list[dict[str, Any]]:
     return chat
 
 
-def _reason(finish: str | None, matched: str | None, called: bool) -> str:
+def _reason(finish: str | None, matched: str | None, called: bool) -> StopReason:
     if matched is not None:
         return "stop_sequence"
     if called and finish == "stop":
@@ -165,7 +166,7 @@ async def messages(req: MessagesRequest, request: Request) -> Any:
             id=mid,
             content=content,
             model=req.model,
-            stop_reason=_reason(r.finish_reason, r.stop_string, parsed is not None),  # type: ignore[arg-type]
+            stop_reason=_reason(r.finish_reason, r.stop_string, parsed is not None),
             stop_sequence=r.stop_string,
             usage=MessagesUsage(input_tokens=len(prompt), output_tokens=r.completion_tokens),
         )

@@ -84,12 +84,18 @@ async def embeddings(req: EmbeddingRequest, request: Request) -> EmbeddingRespon
     slot = state.slot(req.model)
     tok = slot.tokenizer
     raw = req.input
+    inputs: list[list[int]] = []
     if isinstance(raw, str):
         inputs = [list(tok.encode(raw))]
     elif raw and all(isinstance(x, int) for x in raw):
-        inputs = [list(raw)]  # type: ignore[arg-type]
+        inputs = [[x for x in raw if isinstance(x, int)]]  # one input, already tokenized
     else:
-        inputs = [list(tok.encode(x)) if isinstance(x, str) else list(x) for x in raw]  # type: ignore[union-attr]
+        # The schema admits homogeneous lists only: here, strings or lists of token ids.
+        for x in raw:
+            if isinstance(x, str):
+                inputs.append(list(tok.encode(x)))
+            elif isinstance(x, list):
+                inputs.append(list(x))
     if not inputs or len(inputs) > MAX_EMBED_INPUTS:
         raise bad_request(f"input must hold 1 to {MAX_EMBED_INPUTS} items", param="input")
     for tokens in inputs:

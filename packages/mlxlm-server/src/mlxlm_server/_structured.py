@@ -20,7 +20,7 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
@@ -150,7 +150,9 @@ def json_processor(constraint: Constraint) -> Callable[[mx.array, mx.array], mx.
         nonlocal state
         length = tokens.shape[-1]
         if seen[0] is not None and length > seen[0]:
-            for token in tokens.reshape(-1)[seen[0] :].tolist():
+            # A 1-d slice of token ids: ``tolist`` gives ints (MLX's stubs say "list or scalar").
+            fresh = cast("list[int]", tokens.reshape(-1)[seen[0] :].tolist())
+            for token in fresh:
                 state = constraint.advance(state, int(token))
         seen[0] = length
         vocab = logits.shape[-1]

@@ -307,7 +307,7 @@ class Automaton:
             return [(*rest, ("O", node_id, seen, phase, key, ws + 1))] if ws < MAX_WS else []
         free = node_id == _FREE_OBJECT
         node = None if free else self.nodes[node_id]
-        closable = free or node.required <= seen
+        closable = node is None or node.required <= seen
         if phase in ("open", "comma") and byte == ord('"'):
             keyed = ("O", node_id, seen, "key", None, 0)
             if free:
@@ -316,10 +316,10 @@ class Automaton:
         if phase in ("open", "after") and byte == ord("}") and closable:
             return self._done(stack)
         if phase == "colon" and byte == ord(":"):
-            value = ANY if free else node.props.get(key, node.additional)
+            value = ANY if node is None else node.props.get(key, node.additional)
             return [(*rest, ("O", node_id, seen, "value", key, 0), ("V", value, 0))]
         if phase == "after" and byte == ord(","):
-            if not free and node.additional is None and set(node.props) <= seen:
+            if node is not None and node.additional is None and set(node.props) <= seen:
                 return []  # every allowed key is used: nothing may follow
             return [(*rest, ("O", node_id, seen, "comma", None, 0))]
         return []

@@ -228,10 +228,10 @@ class Compiler:
             wanted = self._types(schema)
             if wanted is not None:
                 values = [v for v in values if _type_of(v) & wanted]
-            options = tuple(dict.fromkeys(_dump(v) for v in values))
-            if not options:
+            literals = tuple(dict.fromkeys(_dump(v) for v in values))
+            if not literals:
                 raise SchemaError("enum/const leaves no allowed value")
-            return self.add(Lit(options))
+            return self.add(Lit(literals))
         for key in ("anyOf", "oneOf", "allOf"):
             if key in schema:
                 return self._combinator(key, schema)
@@ -365,9 +365,10 @@ class Compiler:
             raise SchemaError("additionalProperties must be a boolean or a schema")
         keys = frozenset(_key(str(r)) for r in required)
         missing = [k for k in keys if k not in compiled]
-        if missing and extra is None:
-            raise SchemaError(f"required property {missing[0].decode()!r} is not allowed")
-        for k in missing:
-            compiled[k] = extra  # type: ignore[assignment]
+        if missing:
+            if extra is None:
+                raise SchemaError(f"required property {missing[0].decode()!r} is not allowed")
+            for k in missing:
+                compiled[k] = extra
         self.nodes[slot] = Obj(compiled, keys, extra)
         return slot

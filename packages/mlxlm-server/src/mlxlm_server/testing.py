@@ -74,10 +74,9 @@ def build_tiny_model(folder: Path, *, seed: int = 7, context: int = 512) -> Path
     mx.random.seed(seed)
     model = model_cls(args_cls.from_dict(config))
     # Larger-than-default weights give a peaked, input-dependent next-token distribution.
-    weights = {
-        k: (v * 3.0 if v.ndim > 1 else v).astype(mx.float32)
-        for k, v in tree_flatten(model.parameters())
-    }
+    params = tree_flatten(model.parameters())
+    assert isinstance(params, list)  # (key, array) pairs: no `destination` dict was given
+    weights = {k: (v * 3.0 if v.ndim > 1 else v).astype(mx.float32) for k, v in params}
     mx.save_safetensors(str(folder / "model.safetensors"), weights)
     (folder / "config.json").write_text(json.dumps(config))
     return folder
