@@ -14,7 +14,7 @@ from typing import Any, cast
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-__all__ = ["flat_items", "int_list", "item_int"]
+__all__ = ["flat_items", "int_list", "item_float", "item_int"]
 
 
 def item_int(a: mx.array) -> int:
@@ -23,6 +23,14 @@ def item_int(a: mx.array) -> int:
     if isinstance(value, complex):
         raise TypeError("expected a real-valued array, got a complex one")
     return int(value)
+
+
+def item_float(a: mx.array) -> float:
+    """The value of a one-element real array as a Python ``float``."""
+    value = a.item()
+    if isinstance(value, complex):
+        raise TypeError("expected a real-valued array, got a complex one")
+    return float(value)
 
 
 def int_list(a: mx.array) -> list[int]:

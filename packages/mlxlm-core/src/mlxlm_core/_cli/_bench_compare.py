@@ -45,6 +45,7 @@ def _gguf_path(args: argparse.Namespace) -> str:
 def run_compare(args: argparse.Namespace) -> int:
     import mlx.core as mx
 
+    from .._mx_typed import int_list
     from .._resolve import resolve_model_path
 
     peers = _peers(args.compare)
@@ -54,7 +55,7 @@ def run_compare(args: argparse.Namespace) -> int:
     config = json.loads((Path(model_dir) / "config.json").read_text())
     vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
     mx.random.seed(args.seed)
-    prompt: list[int] = mx.random.randint(0, vocab, (args.prompt_tokens,)).tolist()  # type: ignore[assignment]
+    prompt = int_list(mx.random.randint(0, vocab, (args.prompt_tokens,)))
     options = {"dtype": args.dtype, "weight_mode": args.weight_mode}
     if args.adapter_path:
         options["adapter_path"] = args.adapter_path

@@ -59,10 +59,12 @@ def _validate(args: argparse.Namespace) -> None:
 
 def _cast(model: Any, dtype: str) -> None:
     import mlx.core as mx
-    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx.utils import tree_unflatten
+
+    from .._mx_typed import flat_items
 
     target = getattr(mx, dtype)
-    params: list[tuple[str, mx.array]] = tree_flatten(model.parameters())  # type: ignore[assignment]
+    params = flat_items(model.parameters())
     changed = [
         (k, v.astype(target))
         for k, v in params

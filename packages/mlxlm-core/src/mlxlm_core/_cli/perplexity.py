@@ -45,6 +45,8 @@ def evaluate_perplexity(
     import mlx.core as mx
     import mlx.nn as nn
 
+    from .._mx_typed import item_float
+
     start = time.perf_counter()
     losses = []
     for first in range(0, windows.shape[0], batch_size):
@@ -57,8 +59,8 @@ def evaluate_perplexity(
             on_batch(batch.shape[0])
     every = mx.concatenate(losses)
     n = every.size
-    mean = float(every.mean().item())  # type: ignore[arg-type]
-    sd = float(mx.sqrt(mx.var(every, ddof=1)).item()) if n > 1 else 0.0  # type: ignore[arg-type]
+    mean = item_float(every.mean())
+    sd = item_float(mx.sqrt(mx.var(every, ddof=1))) if n > 1 else 0.0
     ppl = math.exp(mean)
     return PerplexityResult(
         perplexity=ppl,
