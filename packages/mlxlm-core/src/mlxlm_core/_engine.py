@@ -20,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ._errors import ContextLengthError, InvalidArgumentError
+from ._mx_typed import int_list
 from ._policy import prefill_step_for
 from .cache import KVCache, make_prompt_cache, merge_caches
 
@@ -393,7 +394,7 @@ class BatchGenerator:
             upcoming = decode_step(self.model, tokens[:, None], self._cache, self._sampling)
             mx.async_eval(upcoming[0])  # log-probabilities are computed if read
         responses, keep = [], []
-        for i, (req, token) in enumerate(zip(self._active, tokens.tolist())):
+        for i, (req, token) in enumerate(zip(self._active, int_list(tokens))):
             req.generated += 1
             reason = None
             if token in req.stop_tokens:

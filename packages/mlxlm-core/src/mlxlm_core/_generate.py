@@ -22,6 +22,7 @@ from ._engine import (
     prefill,
 )
 from ._errors import InvalidArgumentError
+from ._mx_typed import int_list, item_int
 from .cache import KVCache, make_prompt_cache
 
 if TYPE_CHECKING:
@@ -110,7 +111,7 @@ def generate_step(
             if produced + 1 < max_tokens:
                 upcoming = decode_step(model, current[0][:, None], cache, sampling)
                 mx.async_eval(*upcoming)
-        yield int(current[0].item()), logprobs
+        yield item_int(current[0]), logprobs
         if produced + 1 < max_tokens:
             current = upcoming
 
@@ -241,7 +242,7 @@ def batch_generate(
     kv_bits: int | None = None,
 ) -> BatchResult:
     """Generate for many prompts at once through the continuous-batching engine."""
-    encoded = [_as_prompt(tokenizer, p).tolist() for p in prompts]
+    encoded = [int_list(_as_prompt(tokenizer, p)) for p in prompts]
     engine = BatchGenerator(
         model,
         stop_tokens=frozenset(tokenizer.eos_token_ids),
