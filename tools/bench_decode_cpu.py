@@ -11,6 +11,15 @@ graph and schedules its nodes), and the number of nodes in one step's graph.
 
 CPU time is less disturbed than wall time by the other work on a shared machine, which is
 why the policy's choices on CPU were measured with it.
+
+``--batch 1,2,4,8,16,32`` times batched decoding instead: per row count and engine
+(``--weight-mode`` values, plus ``mlx-lm`` for MLX-LM's own ``BatchGenerator`` on the same
+checkpoint with its defaults and MLX's bundled BLAS), a fresh process inserts that many
+random 64-token prompts, lets every row start decoding, then times ``--trials`` windows of
+decoding steps (each at least ``--steps`` steps and ~1 s of CPU): CPU and wall ms per step
+(medians over the windows), peak MLX memory while decoding and over the whole run.
+
+    uv run python tools/bench_decode_cpu.py --batch 1,2,4,8,16,32 --weight-mode auto,dense,mlx-lm
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -90,6 +100,97 @@ def _worker(model_path: str | None, weight_mode: str, tokens: int) -> dict:
     }
 
 
+def _batch_worker(model_path: str, engine: str, rows: int, trials: int, steps: int) -> dict:
+    if engine == "mlx-lm":
+        os.environ["MLXLM_BLAS"] = "off"  # MLX-LM as installed (nothing imports mlxlm_core)
+        import mlx.core as mx
+        from mlx_lm import load as peer_load
+        from mlx_lm.generate import BatchGenerator as PeerBatch
+
+        model = peer_load(model_path)[0]
+        gen = PeerBatch(model, max_tokens=100_000, completion_batch_size=rows,
+                        prefill_batch_size=rows)  # fmt: skip
+
+        def step() -> int:
+            return len(gen.next()[1])
+
+        policy = "MLX-LM defaults"
+    else:
+        import mlxlm_core  # noqa: F401  (the BLAS before mlx.core)
+
+        # isort: split
+        import mlx.core as mx
+        from mlxlm_core import load
+        from mlxlm_core._engine import BatchGenerator
+
+        model = load(model_path, weight_mode=engine)[0]
+        gen = BatchGenerator(
+            model, max_tokens=100_000, completion_batch_size=rows, prefill_batch_size=rows
+        )
+
+        def step() -> int:
+            return len(gen.next())
+
+        policy = model.policy.describe()
+    vocab = model.args.vocab_size
+    prompts = mx.random.randint(0, vocab, (rows, 64), key=mx.random.key(rows)).tolist()
+    mx.reset_peak_memory()
+    gen.insert(prompts)
+    for _ in range(200):  # until every row has its first tokens (prefill done)
+        if step() == rows and step() == rows:
+            break
+    peak_all = mx.get_peak_memory()
+    mx.reset_peak_memory()
+    cpu_ms, wall_ms = [], []
+    for _ in range(trials):
+        done, cpu0, wall0 = 0, time.process_time(), time.perf_counter()
+        while done < steps or time.process_time() - cpu0 < 1.0:
+            if step() != rows:
+                raise RuntimeError("a row stopped decoding")
+            done += 1
+        cpu_ms.append((time.process_time() - cpu0) / done * 1e3)
+        wall_ms.append((time.perf_counter() - wall0) / done * 1e3)
+    peak_decode = mx.get_peak_memory()
+    return {
+        "engine": engine,
+        "rows": rows,
+        "policy": policy,
+        "cpu_ms_per_step": statistics.median(cpu_ms),
+        "wall_ms_per_step": statistics.median(wall_ms),
+        "cpu_ms_trials": cpu_ms,
+        "peak_decode_mb": peak_decode / 1e6,
+        "peak_mb": max(peak_all, peak_decode) / 1e6,
+        "load_avg": os.getloadavg()[0],
+    }
+
+
+def _batch_main(args: argparse.Namespace) -> int:
+    if not args.model:
+        from mlxlm_core._resolve import resolve_model_path
+
+        args.model = str(resolve_model_path(None))
+    results = []
+    for rows in [int(r) for r in args.batch.split(",")]:
+        for engine in args.weight_mode.split(","):
+            cmd = [sys.executable, __file__, "--batch-worker", f"{engine}:{rows}"]
+            cmd += ["--model", args.model, "--trials", str(args.trials), "--steps", str(args.steps)]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            results.append(r)
+            if not args.json:
+                trials = "/".join(f"{t:.0f}" for t in r["cpu_ms_trials"])
+                print(
+                    f"{rows:3d} rows {engine:8s} cpu {r['cpu_ms_per_step']:7.1f} ms/step "
+                    f"({trials})  wall {r['wall_ms_per_step']:7.1f}  peak decode "
+                    f"{r['peak_decode_mb']:6.0f} MB, all {r['peak_mb']:6.0f} MB  "
+                    f"load {r['load_avg']:.1f}",
+                    flush=True,
+                )
+    if args.json:
+        print(json.dumps(results, indent=1))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
@@ -97,8 +198,19 @@ def main() -> int:
     parser.add_argument("--generation-tokens", "-g", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--batch", default=None, help="row counts: time batched decoding")
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4, help="--batch: least steps per trial")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--batch-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.batch_worker:
+        engine, rows = args.batch_worker.split(":")
+        result = _batch_worker(args.model, engine, int(rows), args.trials, args.steps)
+        print(json.dumps(result))
+        return 0
+    if args.batch:
+        return _batch_main(args)
     if args.worker:
         print(json.dumps(_worker(args.model, args.worker, args.generation_tokens)))
         return 0

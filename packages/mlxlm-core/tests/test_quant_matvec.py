@@ -108,21 +108,23 @@ def test_several_rows_match_mlx_kernel(count: int, monkeypatch: pytest.MonkeyPat
         assert float(mx.abs(ours - ref).max()) <= 2e-6 * scale
 
 
-def test_layer_takes_planes_below_plane_rows(mixed_dir: Path) -> None:
-    """Fewer than PLANE_ROWS rows run the plane kernel, more dequantize: both equal MLX's."""
-    from mlxlm_core._policy_layers import PLANE_ROWS
+def test_layer_routes_rows_and_matches_mlx(mixed_dir: Path) -> None:
+    """Below PLANE_ROWS rows the plane kernel, up to WIDE_MAX_ROWS the chunked
+    dequantization, more the whole layer dequantized: all equal MLX's kernel."""
+    from mlxlm_core._policy_layers import PLANE_ROWS, WIDE_MAX_ROWS
 
     model, _ = load(mixed_dir)
     layer = model.model.layers[0].mlp.up_proj
     cols = layer.scales.shape[1] * layer.group_size
-    for count in (1, 2, PLANE_ROWS - 1, PLANE_ROWS, PLANE_ROWS + 3):
+    for count in (1, PLANE_ROWS - 1, PLANE_ROWS, 7, 8, WIDE_MAX_ROWS, WIDE_MAX_ROWS + 1):
         x = mx.random.normal((1, count, cols), key=mx.random.key(count))
         ref = mx.quantized_matmul(
             x, layer.weight, layer.scales, layer.biases, transpose=True, group_size=32, bits=4
         )
         assert float(mx.abs(layer(x) - ref).max()) <= 2e-6 * float(mx.abs(ref).max())
-    # Views were made per power-of-two row count, only for the counts the kernel served.
-    assert sorted(layer._planes) == [1, 2, PLANE_ROWS]
+    # Views were made per power-of-two row count for the plane kernel (1 and 2 here), and
+    # once (key 0) for the chunked dequantization.
+    assert sorted(layer._planes) == [0, 1, 2]
 
 
 def test_unsupported_inputs_are_refused() -> None:
@@ -175,6 +177,29 @@ def test_model_logits_match_mlx_lm(mixed_dir: Path) -> None:
     for a, b in zip(_logits(ours, make_prompt_cache), _logits(theirs, peer_cache)):
         scale = float(mx.abs(b).max())
         assert float(mx.abs(a - b).max()) <= 1e-5 * max(scale, 1.0)
+
+
+@pytest.mark.parametrize("rows", [2, 3, 5])
+def test_batched_logits_match_mlx_lm(mixed_dir: Path, rows: int) -> None:
+    """Batched decoding steps (plane kernel for 2 rows, chunked dequantization from 3, on
+    every 4-bit layer and the 8-bit output layer) against mlx-lm on the same inputs."""
+    mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
+    from mlx_lm.models.cache import make_prompt_cache as peer_cache
+
+    ours, _ = load(mixed_dir)
+    theirs, _ = mlx_lm_utils.load_model(mixed_dir)
+    prompts = mx.random.randint(0, 256, (rows, 9), key=mx.random.key(rows))
+    steps = mx.random.randint(0, 256, (4, rows, 1), key=mx.random.key(rows + 1))
+    results = []
+    for model, cache_factory in ((ours, make_prompt_cache), (theirs, peer_cache)):
+        cache = cache_factory(model)
+        outs = [model(prompts, cache=cache)[:, -1]]
+        outs += [model(step, cache=cache)[:, -1] for step in steps]
+        mx.eval(outs)
+        results.append(outs)
+    for a, b in zip(*results):
+        assert a.shape == (rows, b.shape[-1])
+        assert float(mx.abs(a - b).max()) <= 1e-5 * max(float(mx.abs(b).max()), 1.0)
 
 
 def test_greedy_tokens_match_native(mixed_dir: Path) -> None:

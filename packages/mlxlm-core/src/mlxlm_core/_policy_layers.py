@@ -13,10 +13,13 @@ biases stay the parameters. Only the product changes, in one of two ways:
   float. Dequantizing costs about one quantized matrix-vector product, so from two rows on
   it wins, and memory stays that of the packed weights plus one layer's float weight;
 - *plane kernel* for inputs of fewer than ``PLANE_ROWS`` rows (``matvec=True``): decoding
-  one sequence, a small batch, speculative verification.
-  :func:`._quant_matvec.quantized_matvec` uses MLX's compiled elementwise kernels and the
-  BLAS instead of MLX's scalar quantized kernel (3-4x faster on CPU for one row), on the
-  packed weights as they are.
+  one sequence or two. :func:`._quant_matvec.quantized_matvec` uses MLX's compiled
+  elementwise kernels and the BLAS instead of MLX's scalar quantized kernel (3-4x faster
+  on CPU for one row), on the packed weights as they are;
+- *chunked dequantization* for ``PLANE_ROWS`` to ``WIDE_MAX_ROWS`` rows (``matvec=True``):
+  batched decoding, speculative verification. :func:`._quant_matmul.dequantized_matmul`
+  dequantizes ~1 MB of rows at a time with contiguous compiled kernels (4-5x faster than
+  ``mx.dequantize`` on CPU) into the BLAS, so temporaries stay a few MB.
 
 A dense copy goes stale if the packed weight is replaced (``load_weights``, ``update``): each
 call checks that the arrays it was made from are still the layer's, and rebuilds otherwise.
@@ -27,6 +30,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from ._quant_matmul import WideWeights, dequantized_matmul, wide_weights
 from ._quant_matvec import PlaneWeights, plane_weights, quantized_matvec, supports
 
 __all__ = [
@@ -97,10 +101,12 @@ class _PolicyMixin:
         return None
 
     def _plane_product(self, x: mx.array) -> mx.array | None:
-        """``x`` times the weight by the plane kernel, or None where it does not apply
-        (no plane kernel, a dense copy, ``PLANE_ROWS`` rows or more, an unsupported layer)."""
+        """``x`` times the packed weights without dequantizing the layer whole, or None where
+        that does not apply (no plane kernel, a dense copy, an unsupported layer, more than
+        ``WIDE_MAX_ROWS`` rows): the plane kernel below ``PLANE_ROWS`` rows, else
+        :func:`._quant_matmul.dequantized_matmul` (chunked dequantization into the BLAS)."""
         rows = _rows(x)
-        if not self._matvec or rows >= PLANE_ROWS or "biases" not in self:  # type: ignore[operator]
+        if not self._matvec or rows > WIDE_MAX_ROWS or "biases" not in self:  # type: ignore[operator]
             return None
         if self.dense_weight() is not None:
             return None
@@ -109,16 +115,22 @@ class _PolicyMixin:
         source = (self["weight"], self["scales"], self["biases"])  # type: ignore[index]
         if not supports(x, bits, group_size, mode, source[1]):
             return None
-        # Views of the packed weights (no memory), per power-of-two row count since chunks
-        # shrink as rows grow; made once, remade if the weights were replaced.
-        bucket = 1 << (rows - 1).bit_length()
-        views: dict[int, PlaneWeights] = getattr(self, "_planes", None) or {}
+        # Views of the packed weights (no memory), made once and remade if the weights were
+        # replaced: for the plane kernel per power-of-two row count (its chunks shrink as
+        # rows grow), key 0 for the chunked dequantization.
+        bucket = 1 << (rows - 1).bit_length() if rows < PLANE_ROWS else 0
+        views: dict[int, PlaneWeights | WideWeights] = getattr(self, "_planes", None) or {}
         made = views.get(bucket)
         if made is None or not _same(made.source, source):
-            made = plane_weights(*source, bits=bits, group_size=group_size, inputs=bucket)
+            if bucket:
+                made = plane_weights(*source, bits=bits, group_size=group_size, inputs=bucket)
+            else:
+                made = wide_weights(*source, bits=bits, group_size=group_size)
             views = {k: v for k, v in views.items() if _same(v.source, source)}
             views[bucket] = made
             object.__setattr__(self, "_planes", views)
+        if isinstance(made, WideWeights):
+            return dequantized_matmul(x, made)
         return quantized_matvec(x, made)
 
 
@@ -152,12 +164,18 @@ class PolicyQuantizedEmbedding(_PolicyMixin, nn.QuantizedEmbedding):
         return super().as_linear(x) if weight is None else x @ weight.T
 
 
-# Inputs with fewer rows than this take the plane kernel (when it applies), more rows
-# dequantize the layer for the BLAS. Its cost grows with the rows, dequantizing's does not:
-# measured (tools/bench_matvec.py shapes, MKL) a 1536x576 4-bit layer took 0.13 / 0.23 /
-# 0.47 / 0.87 ms for 1 / 2 / 4 / 8 rows against 0.81-0.95 ms dequantized, the 8-bit
-# 49152x576 output layer 5.9 / 10.3 / 19.4 / 37.8 ms against 92-102 ms.
-PLANE_ROWS = 8
+# How the packed weights multiply an input, by its rows (when the plane kernel applies):
+# fewer than PLANE_ROWS take the plane kernel, whose cost grows with the rows; up to
+# WIDE_MAX_ROWS dequantize chunk by chunk into the BLAS (_quant_matmul: nearly the same cost
+# for 2 rows or 32); more (prompt chunks) dequantize the layer whole (one larger GEMM).
+# Both kernels cost in proportion to the weights, so the crossover is the same for every
+# layer. Measured (tools/bench_matvec.py --rows, MKL, CPU ms for 1 / 2 / 4 / 8 / 32 rows):
+# a 1536x576 4-bit layer 0.15 / 0.36 / 0.75 / 1.5 with the plane kernel, 0.44 / 0.46 / 0.43 /
+# 0.51 / 0.90 chunked, 1.03 / 1.33 (8 / 32 rows) dequantized whole; the 8-bit 49152x576
+# output layer 7.1 / 18 / 31 / 61 against 20 / 24 / 18 / 24 / 34 chunked, 104-106 whole.
+# At 128 rows the two dequantizations cost about the same, at 512 the whole one less.
+PLANE_ROWS = 3
+WIDE_MAX_ROWS = 128
 
 _SWAPS: dict[type, type] = {
     nn.QuantizedLinear: PolicyQuantizedLinear,
