@@ -16,9 +16,11 @@ Linux CPU backend (BENCHMARKS.md, DESIGN.md §8):
 - a one-row product (decoding one sequence) written with MLX's compiled elementwise kernels
   and the BLAS (:mod:`._quant_matvec`, ``matvec="planes"``) runs 3-4x faster than MLX's
   quantized kernel on the packed weights as they are, so on CPU ``auto`` now keeps the
-  weights packed (``quantized``: MLX-LM's memory) and decodes with it, prompts and batches
-  still dequantizing per layer into the BLAS; the dense copy stays an explicit choice
-  (fastest decoding, ~5x the weight memory). It needs MLX's CPU JIT compiler (g++); without
+  weights packed (``quantized``: MLX-LM's memory) and decodes with it (1-2 rows); batches
+  of 3-128 rows dequantize ~1 MB of rows at a time with contiguous compiled kernels into
+  the BLAS (:mod:`._quant_matmul`: 1.6-2.7x the previous per-layer dequantization at 4-32
+  rows, 3-12x MLX-LM's step), longer prompt chunks dequantize whole layers; the dense copy
+  stays an explicit choice (fastest, ~5x the weight memory). It needs MLX's CPU JIT compiler (g++); without
   it, the previous rule applies (dense copy if an optimised BLAS is loaded and it fits);
 - on CPU, glibc's malloc is told to keep freed buffers in the heap (:mod:`._malloc`): MLX
   allocates every temporary with malloc, and glibc's defaults mapped and zero-filled the
@@ -225,7 +227,7 @@ def choose_policy(
         if backend == "cpu" and planes_fit:
             reasons.append(
                 "quantized: packed weights (MLX-LM's memory), one-row products by the plane "
-                "kernel (3-4x MLX's), prompts dequantized per layer into the BLAS"
+                "kernel (3-4x MLX's), batches and prompts dequantized in chunks into the BLAS"
             )
         elif backend == "cpu":
             mode, why = _dense_or_quantized(blas.optimised, model, chosen_dtype)

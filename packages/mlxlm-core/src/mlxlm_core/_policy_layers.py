@@ -168,12 +168,14 @@ class PolicyQuantizedEmbedding(_PolicyMixin, nn.QuantizedEmbedding):
 # fewer than PLANE_ROWS take the plane kernel, whose cost grows with the rows; up to
 # WIDE_MAX_ROWS dequantize chunk by chunk into the BLAS (_quant_matmul: nearly the same cost
 # for 2 rows or 32); more (prompt chunks) dequantize the layer whole (one larger GEMM).
-# Both kernels cost in proportion to the weights, so the crossover is the same for every
-# layer. Measured (tools/bench_matvec.py --rows, MKL, CPU ms for 1 / 2 / 4 / 8 / 32 rows):
-# a 1536x576 4-bit layer 0.15 / 0.36 / 0.75 / 1.5 with the plane kernel, 0.44 / 0.46 / 0.43 /
-# 0.51 / 0.90 chunked, 1.03 / 1.33 (8 / 32 rows) dequantized whole; the 8-bit 49152x576
-# output layer 7.1 / 18 / 31 / 61 against 20 / 24 / 18 / 24 / 34 chunked, 104-106 whole.
-# At 128 rows the two dequantizations cost about the same, at 512 the whole one less.
+# Both kernels cost in proportion to the weights, so the crossover (2-3 rows) is the same
+# for every layer of SmolLM2-135M. tools/bench_matvec.py --rows (MKL, load 1.3, CPU ms for
+# 2 / 3 / 4 / 8 / 32 rows): a 1536x576 4-bit layer 0.38 / 0.64 / 0.79 / 1.60 / - with the
+# plane kernel, 0.37 / 0.44 / 0.42 / 0.41 / 0.77 chunked, 0.97-1.38 dequantized whole;
+# 192x576: 0.05 / 0.07 / 0.09 / 0.16 / - against 0.06 / 0.07 / 0.06 / 0.06 / 0.11; the 8-bit
+# 49152x576 output layer 14.7 / 25.4 / 29.1 / 61.9 / - against 15.2 / 17.0 / 15.2 / 18.3 /
+# 30.6, 85-104 whole. At 128 rows the two dequantizations cost about the same, at 512 the
+# whole one a little less for 4-bit layers.
 PLANE_ROWS = 3
 WIDE_MAX_ROWS = 128
 
