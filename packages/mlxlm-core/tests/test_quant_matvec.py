@@ -102,8 +102,12 @@ def test_several_rows_match_mlx_kernel(count: int, monkeypatch: pytest.MonkeyPat
     views = qmv.plane_weights(*packed, bits=bits, group_size=gs, inputs=count)
     assert len(views.chunks) == -(-rows // (50 // count))
     chunked = qmv.quantized_matvec(x, views)
+    # A matrix of 1-4x WHOLE_BYTES of temporary goes in even chunks of at most that.
+    monkeypatch.setattr(qmv, "WHOLE_BYTES", 256 * count * rows // 3 + 1)
+    even = qmv.plane_weights(*packed, bits=bits, group_size=gs, inputs=count)
+    assert [c[1].shape[0] for c in even.chunks] == [234, 234, 232]
     scale = float(mx.abs(ref).max())
-    for ours in (whole, chunked):
+    for ours in (whole, chunked, qmv.quantized_matvec(x, even)):
         assert ours.shape == ref.shape == (count, 1, rows)
         assert float(mx.abs(ours - ref).max()) <= 2e-6 * scale
 
