@@ -1,5 +1,8 @@
 """AWQ finds, in every block of the default model, the producers MLX-LM's AWQ names by hand.
 
+In tests-integration: it needs the default model, which mlxlm-quant's own (isolated)
+environment does not install.
+
 Our AWQ discovers which module's output feeds each group of layers (and so can absorb the
 ``1/s`` of the scales) by folding random scales and checking the block output is unchanged.
 MLX-LM's AWQ lists them per family; for llama (SmolLM2) its table is the reference:
