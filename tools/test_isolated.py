@@ -10,7 +10,9 @@ Here each package P gets its own environment, `.venvs/P`, built by
 
 1. the isolation is checked: every workspace package P does not declare (transitively) must
    be unimportable there, every one it declares must be importable;
-2. `packages/P/tests` runs with that environment's Python, with the root pytest options
+2. P's public face as installed is checked by tools/check_surface.py run with that
+   environment's Python (`__version__` against the wheel's metadata, `__all__`, `py.typed`);
+3. `packages/P/tests` runs with that environment's Python, with the root pytest options
    but rooted at packages/P, so no conftest.py or test outside the package is collected.
 
 By default the packages are installed as built wheels, not editable: the tests then see
@@ -118,6 +120,21 @@ def check_isolation(member: Member, members: list[Member], venv: Path) -> list[s
     return problems
 
 
+def check_surface(member: Member, venv: Path) -> list[str]:
+    """Problems with `member`'s public face as `venv` has it installed; empty when none."""
+    script = Path(__file__).with_name("check_surface.py")
+    result = subprocess.run(
+        [str(venv / "bin" / "python"), "-P", str(script), member.name, *member.import_names],
+        capture_output=True,
+        text=True,
+        env=_clean_env(venv),
+        cwd="/",
+    )
+    if result.returncode not in (0, 1):
+        return [f"check_surface.py failed: {result.stderr.strip()[-500:]}"]
+    return result.stdout.splitlines()
+
+
 def run_tests(member: Member, venv: Path, args: argparse.Namespace) -> str:
     """Run the package's tests in `venv`; the outcome for the summary ("ok" or "FAILED …")."""
     tests = member.path / "tests"
@@ -184,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{member.name}: isolation broken: {problem}")
         if problems:
             results[member.name] = "FAILED (isolation)"
+            continue
+        problems = check_surface(member, venv)
+        for problem in problems:
+            print(f"{member.name}: public face: {problem}")
+        if problems:
+            results[member.name] = "FAILED (public face)"
             continue
         siblings = ", ".join(m.name for m in internal_closure(member, members))
         print(f"{member.name}: isolated; workspace packages present: {siblings}", flush=True)

@@ -302,6 +302,63 @@ def test_missing_dunder_version_is_reported(workspace: Path) -> None:
     ]
 
 
+# --- check_surface.py --------------------------------------------------------------------
+
+
+def installed_package(root: Path, init: str, *, version: str = VERSION, typed: bool = True) -> Path:
+    """mlxlm_demo on a path of its own, with the dist-info metadata an install writes."""
+    write(root / "mlxlm_demo" / "__init__.py", init)
+    if typed:
+        write(root / "mlxlm_demo" / "py.typed", "")
+    write(
+        root / f"mlxlm_demo-{version}.dist-info" / "METADATA",
+        f"Metadata-Version: 2.1\nName: mlxlm-demo\nVersion: {version}\n",
+    )
+    return root
+
+
+def surface(path: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(path)}
+    return subprocess.run(
+        [sys.executable, str(TOOLS / "check_surface.py"), "mlxlm-demo", "mlxlm_demo"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
+def test_a_sound_public_face_passes(tmp_path: Path) -> None:
+    init = f'__version__ = "{VERSION}"\ndef load(): ...\n__all__ = ["__version__", "load"]\n'
+    result = surface(installed_package(tmp_path, init))
+    assert (result.returncode, result.stdout) == (0, ""), result.stderr
+
+
+def test_each_public_face_problem_is_named(tmp_path: Path) -> None:
+    init = '__version__ = "0.0.9"\n_hidden = 1\n__all__ = ["load", "_hidden", "_hidden"]\n'
+    result = surface(installed_package(tmp_path, init, typed=False))
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [
+        f"mlxlm_demo.__version__ is '0.0.9'; mlxlm-demo's metadata says '{VERSION}'",
+        "mlxlm_demo.__all__ lists more than once: _hidden",
+        "mlxlm_demo.__all__ names what is not there: load",
+        "mlxlm_demo.__all__ exports private names: _hidden, _hidden",
+        "mlxlm_demo: no py.typed marker",
+    ]
+
+
+def test_a_package_that_does_not_import_is_named(tmp_path: Path) -> None:
+    result = surface(installed_package(tmp_path, "raise RuntimeError('broken on import')\n"))
+    assert result.returncode == 1
+    assert result.stdout.strip() == "mlxlm_demo: import fails: RuntimeError: broken on import"
+
+
+@pytest.mark.parametrize("short", ["core", "gguf", "quant", "tune", "server"])
+def test_workspace_packages_have_a_sound_public_face(short: str) -> None:
+    result = run_tool("check_surface.py", f"mlxlm-{short}", f"mlxlm_{short}")
+    assert (result.returncode, result.stdout) == (0, ""), result.stderr
+
+
 # --- test_isolated.py --------------------------------------------------------------------
 
 
