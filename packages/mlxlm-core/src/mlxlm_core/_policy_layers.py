@@ -169,7 +169,7 @@ class PolicyQuantizedEmbedding(_PolicyMixin, nn.QuantizedEmbedding):
 # WIDE_MAX_ROWS dequantize chunk by chunk into the BLAS (_quant_matmul: nearly the same cost
 # for 2 rows or 32); more (prompt chunks) dequantize the layer whole (one larger GEMM).
 # Both kernels cost in proportion to the weights, so the crossover (2-3 rows) is the same
-# for every layer of SmolLM2-135M. tools/bench_matvec.py --rows (MKL, load 1.3, CPU ms for
+# for every layer of SmolLM2-135M. tools/bench_matvec.py --rows (OpenBLAS, load 1.3, CPU ms for
 # 2 / 3 / 4 / 8 / 32 rows): a 1536x576 4-bit layer 0.38 / 0.64 / 0.79 / 1.60 / - with the
 # plane kernel, 0.37 / 0.44 / 0.42 / 0.41 / 0.77 chunked, 0.97-1.38 dequantized whole;
 # 192x576: 0.05 / 0.07 / 0.09 / 0.16 / - against 0.06 / 0.07 / 0.06 / 0.06 / 0.11; the 8-bit
