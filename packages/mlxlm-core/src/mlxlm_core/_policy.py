@@ -57,7 +57,13 @@ from ._blas import blas_info
 from ._cuda_env import configure_graph_limits
 from ._errors import InvalidArgumentError, UnsupportedError
 from ._malloc import keep_heap
-from ._policy_layers import convert_quantized_layers, dense_bytes, dense_copies
+from ._policy_layers import (
+    PLANE_ROWS,
+    WIDE_MAX_ROWS,
+    convert_quantized_layers,
+    dense_bytes,
+    dense_copies,
+)
 
 __all__ = [
     "DECODE_KERNELS",
@@ -134,7 +140,12 @@ class ExecutionPolicy:
     def describe(self) -> str:
         dtype = self.dtype or "checkpoint dtype"
         mode = self.weight_mode
-        if self.weight_mode == "quantized" and self.dequantize_rows:
+        if self.weight_mode == "quantized" and self.matvec == "planes":
+            mode += (
+                f" (plane kernel for 1-{PLANE_ROWS - 1} rows, chunked dequantization up to "
+                f"{WIDE_MAX_ROWS}, whole layers beyond)"
+            )
+        elif self.weight_mode == "quantized" and self.dequantize_rows:
             mode += f" (dequantized on the fly for >= {self.dequantize_rows} rows)"
         if self.weight_mode == "dense" and self.dense_bytes:
             mode += f" (+{self.dense_bytes / 1e6:.0f} MB float copy)"
