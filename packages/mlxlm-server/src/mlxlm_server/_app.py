@@ -42,10 +42,11 @@ MATVEC_ENV = "MLXLM_MATVEC"
 def batched_weights() -> Iterator[None]:
     """Load models for batched decoding (a server decodes many requests per step).
 
-    On CPU, core's ``auto`` weight mode can keep quantized weights packed for one-row
-    products (its plane kernel), and then every step of a batch dequantizes every layer:
-    batch 8 on the default model cost ~5.5x batch 1's CPU that way, against ~2x with the
-    dense copy under MKL. So, unless ``MLXLM_MATVEC`` says otherwise, loads inside this block take auto's
+    On CPU, core's ``auto`` weight mode keeps quantized weights packed (plane kernel for one
+    or two rows, chunked dequantization into the BLAS for more); a resident dense copy is
+    still 1.3-1.6x cheaper per batched step from 4 rows up (8 rows: 82 against 127 ms on
+    the default model, core's ``tools/bench_decode_cpu.py --batch``). So, unless
+    ``MLXLM_MATVEC`` says otherwise, loads inside this block take auto's
     other rule: a dense float copy where an optimised BLAS runs it and it fits the memory
     budget, packed weights otherwise. An explicit ``--weight-mode`` is left alone.
     """
