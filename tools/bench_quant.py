@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--methods", default="gptq,awq")
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument(
-        "--skip-mlx-lm", action="store_true", help="only ours (MLX-LM's AWQ takes ~40 min here)"
+        "--skip-mlx-lm", action="store_true", help="only ours (MLX-LM's AWQ takes ~17 min here)"
     )
     args = parser.parse_args()
     model, tokenizer, config = load(return_config=True)
