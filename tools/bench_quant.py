@@ -14,7 +14,8 @@ Each method runs ``--trials`` times per implementation, alternating which goes f
 table gives median wall and CPU seconds, the ratio of the medians (target <= 1.0) and the
 range of the per-trial ratios, with the 1-minute load average seen. Perplexity (weights
 dequantized to float32) is on core's held-out evaluation text and, as a second, larger
-held-out set, on the calibration corpus's windows that calibration did not use.
+held-out set, on the calibration corpus's windows that calibration did not use; a line after
+each row gives both sets' predictions together.
 
 Usage: uv run --frozen python tools/bench_quant.py [--methods gptq,awq] [--trials N]
 """
@@ -49,8 +50,13 @@ def nll(model: nn.Module, windows: mx.array) -> tuple[float, int]:
 
 
 def perplexities(model: nn.Module, sets: list[mx.array]) -> list[float]:
+    """Each set's perplexity, then (with several sets) all their predictions together."""
     dequantize_model(model)
-    return [math.exp(t / n) for t, n in (nll(model, s) for s in sets if s.shape[0])]
+    sums = [nll(model, s) for s in sets if s.shape[0]]
+    out = [math.exp(t / n) for t, n in sums]
+    if len(sums) > 1:
+        out.append(math.exp(sum(t for t, _ in sums) / sum(n for _, n in sums)))
+    return out
 
 
 def mlx_lm_model(path: Path) -> nn.Module:
@@ -160,10 +166,13 @@ def main() -> None:
             }
             ppl = {who: perplexities(m, [windows, unused]) for who, m in kept.items()}
             mine = f"{med['ours'][0]:.0f} / {med['ours'][1]:.0f}"
+            if len(ppl["ours"]) > 2:
+                both = ", ".join(f"{who} {p[2]:.3f}" for who, p in ppl.items())
+                print(f"  {method} ppl both held-out sets together: {both}", flush=True)
             if "theirs" not in med:
                 print(
                     f"| {method} 4-bit g64 | {mine} | - | - | {ppl['ours'][0]:.3f} / - | "
-                    f"{ppl['ours'][-1]:.3f} / - | {min(loads):.1f}-{max(loads):.1f} |"
+                    f"{ppl['ours'][1]:.3f} / - | {min(loads):.1f}-{max(loads):.1f} |"
                 )
                 continue
             per_trial = [a[0] / b[0] for a, b in zip(runs["ours"], runs["theirs"])]
@@ -171,7 +180,7 @@ def main() -> None:
                 f"| {method} 4-bit g64 | {mine} | {med['theirs'][0]:.0f} / {med['theirs'][1]:.0f} "
                 f"| {med['ours'][0] / med['theirs'][0]:.2f} / {med['ours'][1] / med['theirs'][1]:.2f} "
                 f"({min(per_trial):.2f}-{max(per_trial):.2f}) | {ppl['ours'][0]:.3f} / "
-                f"{ppl['theirs'][0]:.3f} | {ppl['ours'][-1]:.3f} / {ppl['theirs'][-1]:.3f} | "
+                f"{ppl['theirs'][0]:.3f} | {ppl['ours'][1]:.3f} / {ppl['theirs'][1]:.3f} | "
                 f"{min(loads):.1f}-{max(loads):.1f} |",
                 flush=True,
             )
