@@ -134,6 +134,11 @@ def test_mlx_lm_loads_the_directory_and_matches_dequantized_weights(model_dir, c
     np.testing.assert_allclose(np.array(ours), np.array(theirs), atol=2e-3, rtol=1e-3)
     assert (np.array(ours).argmax(-1) == np.array(theirs).argmax(-1)).all()
 
-    # mlxlm-core's own loader reads the same directory into the same function.
+    # mlxlm-core's own loader reads the same directory into the same function. Its default
+    # CPU policy multiplies in float32 through the BLAS in another summation order than
+    # MLX's quantized kernel, so the bound is float32 rounding relative to the logits'
+    # scale, as in test_default_model_generation.py.
     core_model, _ = mlxlm_core.load_model(model_dir)
-    np.testing.assert_allclose(np.array(core_model(tokens)), np.array(ours), atol=1e-4, rtol=1e-4)
+    peer_logits = np.array(ours)
+    bound = 1e-5 * float(np.abs(peer_logits).max())
+    assert float(np.abs(np.array(core_model(tokens)) - peer_logits).max()) <= bound

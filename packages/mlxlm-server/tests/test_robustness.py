@@ -141,6 +141,7 @@ def test_queue_full_is_429_and_disconnect_frees_slots(serve: Any) -> None:
             next(lines)
             err = assert_error(post(live, "/v1/chat/completions", CHAT), 429)
             assert err["code"] == "queue_full"
+
         # the client hung up: its generations are cancelled and the slots free again
         # (cancel() forgets a job at once; the engine thread drops its rows on its next step,
         # so both are polled)
@@ -171,6 +172,7 @@ def test_non_streaming_disconnect_cancels(serve: Any) -> None:
                 },
                 timeout=0.3,
             )
+
         # (cancel() forgets a job at once; the engine thread drops its rows on its next step,
         # so both are polled)
         def busy() -> bool:
