@@ -174,8 +174,7 @@ def _batch_main(args: argparse.Namespace) -> int:
         for engine in args.weight_mode.split(","):
             cmd = [sys.executable, __file__, "--batch-worker", f"{engine}:{rows}"]
             cmd += ["--model", args.model, "--trials", str(args.trials), "--steps", str(args.steps)]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            r = json.loads(done.stdout.strip().splitlines()[-1])
+            r = _run_worker(cmd)
             results.append(r)
             if not args.json:
                 trials = "/".join(f"{t:.0f}" for t in r["cpu_ms_trials"])
@@ -189,6 +188,12 @@ def _batch_main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results, indent=1))
     return 0
+
+
+def _run_worker(cmd: list[str]) -> dict:
+    """Run one measurement in a fresh process (its own peak memory); its last line is JSON."""
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
@@ -220,8 +225,7 @@ def main() -> int:
             cmd = [sys.executable, __file__, "--worker", mode, "-g", str(args.generation_tokens)]
             if args.model:
                 cmd += ["--model", args.model]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            result = json.loads(done.stdout.strip().splitlines()[-1])
+            result = _run_worker(cmd)
             results.append(result)
             if not args.json:
                 threads = "/".join(f"{t:.1f}" for t in result["busiest_threads_ms_per_token"])
