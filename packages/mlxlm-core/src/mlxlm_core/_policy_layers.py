@@ -30,8 +30,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from ._quant_matmul import WideWeights, dequantized_matmul, wide_weights
-from ._quant_matvec import PlaneWeights, plane_weights, quantized_matvec, supports
+from ._quant_matmul import dequantized_matmul, wide_weights
+from ._quant_matvec import PackedViews, plane_weights, quantized_matvec, supports
 
 __all__ = [
     "PolicyQuantizedEmbedding",
@@ -119,7 +119,7 @@ class _PolicyMixin:
         # replaced: for the plane kernel per power-of-two row count (its chunks shrink as
         # rows grow), key 0 for the chunked dequantization.
         bucket = 1 << (rows - 1).bit_length() if rows < PLANE_ROWS else 0
-        views: dict[int, PlaneWeights | WideWeights] = getattr(self, "_planes", None) or {}
+        views: dict[int, PackedViews] = getattr(self, "_planes", None) or {}
         made = views.get(bucket)
         if made is None or not _same(made.source, source):
             if bucket:
@@ -129,9 +129,7 @@ class _PolicyMixin:
             views = {k: v for k, v in views.items() if _same(v.source, source)}
             views[bucket] = made
             object.__setattr__(self, "_planes", views)
-        if isinstance(made, WideWeights):
-            return dequantized_matmul(x, made)
-        return quantized_matvec(x, made)
+        return quantized_matvec(x, made) if bucket else dequantized_matmul(x, made)
 
 
 def _same(a: tuple[mx.array, ...], b: tuple[mx.array, ...]) -> bool:

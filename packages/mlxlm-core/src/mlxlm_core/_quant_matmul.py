@@ -29,14 +29,13 @@ Used by :mod:`._policy_layers` for inputs of ``wide_rows`` or more rows on CPU
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 
 import mlx.core as mx
 
-__all__ = ["CHUNK_BYTES", "WideWeights", "dequantized_matmul", "wide_weights"]
+from ._quant_matvec import _LANES, _VIEWS, PackedViews
 
-_VIEWS = {2: mx.uint8, 4: mx.uint16, 8: mx.uint32}
-_LANES = 4
+__all__ = ["CHUNK_BYTES", "dequantized_matmul", "wide_weights"]
+
 
 # Float planes per chunk, at most (4 bytes per weight). MLX allocates the outputs of the
 # operations it has queued ahead of running them: about ten chunks are in flight. Measured
@@ -64,26 +63,13 @@ _KERNELS = {bits: _dequant_kernel(bits) for bits in _VIEWS}
 _local = threading.local()
 
 
-@dataclass(frozen=True)
-class WideWeights:
-    """A layer's packed weights as :func:`dequantized_matmul` reads them: views, no copy.
-
-    ``chunks`` holds, per chunk of ``m`` rows, the words as ``(m, K / 4)``, the scales as
-    a column ``(m * groups, 1)`` and the biases ``(m, groups)``;
-    ``source`` the arrays they view, so a caller can tell when they were replaced.
-    """
-
-    rows: int
-    bits: int
-    group_size: int
-    chunks: tuple[tuple[mx.array, mx.array, mx.array], ...]
-    source: tuple[mx.array, mx.array, mx.array]
-
-
 def wide_weights(
     weight: mx.array, scales: mx.array, biases: mx.array, *, bits: int, group_size: int
-) -> WideWeights:
-    """Views of MLX's packed layout (uint32, ``transpose=True``), chunked by rows."""
+) -> PackedViews:
+    """Views of MLX's packed layout (uint32, ``transpose=True``) for
+    :func:`dequantized_matmul`, chunked by rows: per chunk of ``m`` rows the words as
+    ``(m, K / 4)``, the scales as a column ``(m * groups, 1)`` and the biases
+    ``(m, groups)``."""
     rows, groups = scales.shape
     per_group = group_size // _LANES
     words = weight.view(_VIEWS[bits]).reshape(rows, groups * per_group)
@@ -94,7 +80,7 @@ def wide_weights(
         (words[i : i + step], column[i * groups : (i + step) * groups], biases[i : i + step])
         for i in range(0, rows, step)
     )
-    return WideWeights(rows, bits, group_size, chunks, (weight, scales, biases))
+    return PackedViews(rows, bits, group_size, chunks, (weight, scales, biases))
 
 
 def _inputs(x: mx.array, group_size: int) -> tuple[list[mx.array], mx.array]:
@@ -124,7 +110,7 @@ def _ones(n: int) -> mx.array:
     return cache[n]
 
 
-def dequantized_matmul(x: mx.array, weights: WideWeights) -> mx.array:
+def dequantized_matmul(x: mx.array, weights: PackedViews) -> mx.array:
     """``x @ dequantize(weight, scales, biases).T`` for ``x`` of shape ``(..., K)``.
 
     ``weights`` comes from :func:`wide_weights`; the same inputs as the plane kernel are

@@ -35,7 +35,7 @@ import mlx.core as mx
 __all__ = [
     "SPLIT_BYTES",
     "WHOLE_BYTES",
-    "PlaneWeights",
+    "PackedViews",
     "plane_weights",
     "quantized_matvec",
     "supports",
@@ -91,12 +91,13 @@ def supports(x: mx.array, bits: int, group_size: int, mode: str, scales: mx.arra
 
 
 @dataclass(frozen=True)
-class PlaneWeights:
-    """A layer's packed weights as the kernel reads them: views, no copy.
+class PackedViews:
+    """A layer's packed weights as one of the CPU kernels reads them: views, no copy.
 
-    ``chunks`` holds, per chunk of rows, the words as ``(rows, groups, words per group)``
-    and the scales and biases as ``(rows, groups)``; ``source`` the arrays they view, so a
-    caller can tell when the layer's weights were replaced.
+    ``chunks`` holds one ``(words, scales, biases)`` triple per chunk of rows, shaped as the
+    function that made it says (:func:`plane_weights` here, ``_quant_matmul.wide_weights``);
+    ``source`` the arrays they view, so a caller can tell when the layer's weights were
+    replaced.
     """
 
     rows: int
@@ -114,9 +115,11 @@ def plane_weights(
     bits: int,
     group_size: int,
     inputs: int = 1,
-) -> PlaneWeights:
+) -> PackedViews:
     """Views of MLX's packed layout (uint32, ``transpose=True``) for :func:`quantized_matvec`,
-    chunked for calls with up to ``inputs`` rows (the temporary grows with them)."""
+    chunked for calls with up to ``inputs`` rows (the temporary grows with them): per chunk
+    the words as ``(rows, groups, words per group)``, the scales and biases ``(rows, groups)``.
+    """
     rows, groups = scales.shape
     words = weight.view(_VIEWS[bits]).reshape(rows, groups, group_size // _LANES)
     row_bytes = 4 * words.shape[1] * words.shape[2] * inputs
@@ -136,7 +139,7 @@ def plane_weights(
         else (words, scales, biases)
         for i in range(0, rows, step)
     )
-    return PlaneWeights(rows, bits, group_size, chunks, (weight, scales, biases))
+    return PackedViews(rows, bits, group_size, chunks, (weight, scales, biases))
 
 
 def _planes(x: mx.array, group_size: int) -> tuple[list[mx.array], mx.array]:
@@ -172,7 +175,7 @@ def _ones(n: int) -> mx.array:
     return cache[n]
 
 
-def quantized_matvec(x: mx.array, weights: PlaneWeights) -> mx.array:
+def quantized_matvec(x: mx.array, weights: PackedViews) -> mx.array:
     """``x @ dequantize(weight, scales, biases).T`` for a few rows ``x`` of shape ``(..., K)``.
 
     ``weights`` comes from :func:`plane_weights`; see :func:`supports` for what is served.
