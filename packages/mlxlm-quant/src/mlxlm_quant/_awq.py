@@ -37,6 +37,7 @@ from ._blocks import (
     run_block,
     tail_calls,
 )
+from ._pack import round_trip
 from ._recipe import QuantRecipe
 
 __all__ = ["AWQConfig", "awq_quantize"]
@@ -50,11 +51,6 @@ class AWQConfig:
     clip_grid: int = 20  # clip shrinks tried: 1, 1 - 1/clip_grid, ... down to max_shrink
     max_shrink: float = 0.5
     batch_size: int = 4
-
-
-def _qdq(w: mx.array, spec: QuantSpec) -> mx.array:
-    q = mx.quantize(w, group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
-    return mx.dequantize(*q, group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
 
 
 # -- producer discovery -------------------------------------------------------------------
@@ -190,7 +186,7 @@ def _search_scale(
         loss = mx.array(0.0)
         for layer, spec in zip(layers, specs):
             w = layer.weight
-            loss = loss + _output_error(w - _qdq(w * s, spec) / s, h).sum()
+            loss = loss + _output_error(w - round_trip(w * s, spec) / s, h).sum()
         value = float(loss)
         if value < best:
             best, best_s = value, s
@@ -213,7 +209,7 @@ def _search_clip(h: mx.array, w: mx.array, spec: QuantSpec, config: AWQConfig) -
     for i in range(int(config.max_shrink * config.clip_grid)):
         limit = top * (1 - i / config.clip_grid)
         clipped = mx.clip(wg, -limit, limit).reshape(w.shape)
-        delta = (w - _qdq(clipped, spec)).reshape(wg.shape).transpose(1, 0, 2)  # (G, o, g)
+        delta = (w - round_trip(clipped, spec)).reshape(wg.shape).transpose(1, 0, 2)  # (G, o, g)
         err = ((delta @ blocks) * delta).sum(axis=-1).T  # (o, G)
         better = err < best_err
         best_err = mx.where(better, err, best_err)
@@ -239,7 +235,7 @@ class _BlockJudge:
         params = self.block.parameters()
         for path, spec in self.specs.items():
             module = self.modules[path]
-            module.weight = _qdq(module.weight, spec)
+            module.weight = round_trip(module.weight, spec)
         out = run_block(self.block, [self.probe], self.extra)[0]
         err = float(((out - self.target) ** 2).mean())
         self.block.update(params)
@@ -271,7 +267,7 @@ def _quantized_lookups(
         spec = plan.get(path)
         if isinstance(module, nn.Embedding) and id(module) not in inside and spec is not None:
             saved.append((module, module.weight))
-            module.weight = _qdq(module.weight, spec)
+            module.weight = round_trip(module.weight, spec)
     try:
         return block_inputs(model, tokens, batch_size=batch_size)
     finally:

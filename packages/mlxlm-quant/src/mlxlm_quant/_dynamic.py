@@ -33,6 +33,7 @@ from mlx.utils import tree_flatten
 from mlxlm_core import InvalidArgumentError, UnsupportedError
 from mlxlm_core.quantize import QUANT_MODES, QuantSpec
 
+from ._pack import round_trip
 from ._recipe import LayerRule, QuantRecipe
 
 __all__ = ["allocate", "bits_per_weight", "dynamic_recipe", "layer_sensitivities", "spec_bits"]
@@ -72,11 +73,6 @@ def bits_per_weight(model: nn.Module) -> float:
     return total_bits / max(count, 1)
 
 
-def _qdq(w: mx.array, spec: QuantSpec) -> mx.array:
-    q = mx.quantize(w, group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
-    return mx.dequantize(*q, group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
-
-
 def layer_sensitivities(
     model: nn.Module,
     tokens: mx.array,
@@ -105,7 +101,7 @@ def layer_sensitivities(
             targets.append(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
             mx.eval(targets[-1])
         for p in layers:
-            modules[p].weight = _qdq(originals[p], candidates[p][0])
+            modules[p].weight = round_trip(originals[p], candidates[p][0])
     model.freeze()
     for path in layers:
         modules[path].unfreeze(keys=["weight"], recurse=False)
@@ -140,11 +136,11 @@ def layer_sensitivities(
         w = originals[path]
         a = acc[path] / tokens.shape[0]
         if targets:
-            low = _qdq(w, candidates[path][0])
-            out[path] = {c: float((a * (_qdq(w, c) - low)).sum()) for c in candidates[path]}
+            low = round_trip(w, candidates[path][0])
+            out[path] = {c: float((a * (round_trip(w, c) - low)).sum()) for c in candidates[path]}
         else:
             out[path] = {
-                c: float(0.5 * (a * (_qdq(w, c) - w) ** 2).sum()) for c in candidates[path]
+                c: float(0.5 * (a * (round_trip(w, c) - w) ** 2).sum()) for c in candidates[path]
             }
     return out
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlxlm_core.quantize import QuantSpec
 
-__all__ = ["affine_params", "pack_codes", "quantized_from_codes"]
+__all__ = ["affine_params", "pack_codes", "quantized_from_codes", "round_trip"]
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -55,3 +56,9 @@ def quantized_from_codes(
     layer.scales = scales.astype(mx.float32)
     layer.biases = biases.astype(mx.float32)
     return layer
+
+
+def round_trip(w: mx.array, spec: QuantSpec) -> mx.array:
+    """``w`` as a layer quantized with ``spec`` by rounding to nearest would compute with it."""
+    q = mx.quantize(w, group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
+    return mx.dequantize(*q, group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
