@@ -20,8 +20,9 @@ Linux CPU backend (BENCHMARKS.md, DESIGN.md §8):
   of 3-128 rows dequantize ~1 MB of rows at a time with contiguous compiled kernels into
   the BLAS (:mod:`._quant_matmul`: 1.6-2.7x the previous per-layer dequantization at 4-32
   rows, 3-12x MLX-LM's step), longer prompt chunks dequantize whole layers; the dense copy
-  stays an explicit choice (fastest, ~5x the weight memory). It needs MLX's CPU JIT compiler (g++); without
-  it, the previous rule applies (dense copy if an optimised BLAS is loaded and it fits);
+  stays an explicit choice (fastest, ~5x the weight memory). It needs MLX's CPU JIT
+  compiler (g++); without it, the previous rule applies (dense copy if an optimised BLAS is
+  loaded and it fits);
 - on CPU, glibc's malloc is told to keep freed buffers in the heap (:mod:`._malloc`): MLX
   allocates every temporary with malloc, and glibc's defaults mapped and zero-filled the
   few-MB buffers of each decoding step anew (~40% of a step's CPU time with the planes);

@@ -2,7 +2,7 @@
 
 They are ``nn.QuantizedLinear`` / ``nn.QuantizedEmbedding`` in every respect that other code
 sees (``isinstance``, parameters, saving, adapters, fusing): the packed weight, scales and
-biases stay the parameters. Only the product changes, in one of two ways:
+biases stay the parameters. Only the product changes, in one of these ways:
 
 - a *dense copy*: a float weight kept beside the packed one, under an ``_``-prefixed key so
   MLX never treats it as a parameter (it is not saved, trained or counted as one). Every
@@ -10,8 +10,9 @@ biases stay the parameters. Only the product changes, in one of two ways:
   MLX's quantized kernels;
 - *dequantize on the fly*: when the input has at least ``dequantize_rows`` rows (a prompt
   chunk, a batch), the layer's weight is dequantized for this call only and multiplied as
-  float. Dequantizing costs about one quantized matrix-vector product, so from two rows on
-  it wins, and memory stays that of the packed weights plus one layer's float weight;
+  float (with the kernels below: more than ``WIDE_MAX_ROWS`` rows, prompt chunks; without
+  them, from ``dequantize_rows`` rows). Memory stays that of the packed weights plus one
+  layer's float weight;
 - *plane kernel* for inputs of fewer than ``PLANE_ROWS`` rows (``matvec=True``): decoding
   one sequence or two. :func:`._quant_matvec.quantized_matvec` uses MLX's compiled
   elementwise kernels and the BLAS instead of MLX's scalar quantized kernel (3-4x faster
