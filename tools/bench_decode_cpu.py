@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 
 def _thread_cpu() -> dict[str, float]:
@@ -169,31 +170,40 @@ def _batch_main(args: argparse.Namespace) -> int:
         from mlxlm_core._resolve import resolve_model_path
 
         args.model = str(resolve_model_path(None))
-    results = []
+
+    def line(rows: int, engine: str) -> Callable[[dict], str]:
+        def describe(r: dict) -> str:
+            trials = "/".join(f"{t:.0f}" for t in r["cpu_ms_trials"])
+            return (
+                f"{rows:3d} rows {engine:8s} cpu {r['cpu_ms_per_step']:7.1f} ms/step "
+                f"({trials})  wall {r['wall_ms_per_step']:7.1f}  peak decode "
+                f"{r['peak_decode_mb']:6.0f} MB, all {r['peak_mb']:6.0f} MB  "
+                f"load {r['load_avg']:.1f}"
+            )
+
+        return describe
+
+    jobs = []
     for rows in [int(r) for r in args.batch.split(",")]:
         for engine in args.weight_mode.split(","):
             cmd = [sys.executable, __file__, "--batch-worker", f"{engine}:{rows}"]
             cmd += ["--model", args.model, "--trials", str(args.trials), "--steps", str(args.steps)]
-            r = _run_worker(cmd)
-            results.append(r)
-            if not args.json:
-                trials = "/".join(f"{t:.0f}" for t in r["cpu_ms_trials"])
-                print(
-                    f"{rows:3d} rows {engine:8s} cpu {r['cpu_ms_per_step']:7.1f} ms/step "
-                    f"({trials})  wall {r['wall_ms_per_step']:7.1f}  peak decode "
-                    f"{r['peak_decode_mb']:6.0f} MB, all {r['peak_mb']:6.0f} MB  "
-                    f"load {r['load_avg']:.1f}",
-                    flush=True,
-                )
-    if args.json:
+            jobs.append((cmd, line(rows, engine)))
+    return _run_all(jobs, as_json=args.json)
+
+
+def _run_all(jobs: list[tuple[list[str], Callable[[dict], str]]], *, as_json: bool) -> int:
+    """Run each measurement in a fresh process (its own peak memory; its last line is JSON),
+    printing a line per result as it comes, or all results as JSON at the end."""
+    results = []
+    for cmd, describe in jobs:
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        if not as_json:
+            print(describe(results[-1]), flush=True)
+    if as_json:
         print(json.dumps(results, indent=1))
     return 0
-
-
-def _run_worker(cmd: list[str]) -> dict:
-    """Run one measurement in a fresh process (its own peak memory); its last line is JSON."""
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
@@ -219,26 +229,27 @@ def main() -> int:
     if args.worker:
         print(json.dumps(_worker(args.model, args.worker, args.generation_tokens)))
         return 0
-    results = []
+
+    def line(mode: str) -> Callable[[dict], str]:
+        def describe(r: dict) -> str:
+            threads = "/".join(f"{t:.1f}" for t in r["busiest_threads_ms_per_token"])
+            return (
+                f"{mode:10s} {r['tokens_per_s']:6.1f} tok/s  "
+                f"cpu {r['cpu_ms_per_token']:6.1f} ms/token "
+                f"(threads {threads}, python {r['python_thread_ms_per_token']:.1f})  "
+                f"nodes/step {r['graph_nodes_per_step']}  load {r['load_avg']:.1f}"
+            )
+
+        return describe
+
+    jobs = []
     for _ in range(args.rounds):
         for mode in args.weight_mode.split(","):
             cmd = [sys.executable, __file__, "--worker", mode, "-g", str(args.generation_tokens)]
             if args.model:
                 cmd += ["--model", args.model]
-            result = _run_worker(cmd)
-            results.append(result)
-            if not args.json:
-                threads = "/".join(f"{t:.1f}" for t in result["busiest_threads_ms_per_token"])
-                print(
-                    f"{mode:10s} {result['tokens_per_s']:6.1f} tok/s  "
-                    f"cpu {result['cpu_ms_per_token']:6.1f} ms/token "
-                    f"(threads {threads}, python {result['python_thread_ms_per_token']:.1f})  "
-                    f"nodes/step {result['graph_nodes_per_step']}  load {result['load_avg']:.1f}",
-                    flush=True,
-                )
-    if args.json:
-        print(json.dumps(results, indent=1))
-    return 0
+            jobs.append((cmd, line(mode)))
+    return _run_all(jobs, as_json=args.json)
 
 
 if __name__ == "__main__":
