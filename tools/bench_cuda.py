@@ -140,15 +140,17 @@ def single(engine: str, model: nn.Module, prompt: mx.array, n: int) -> dict[str,
     mx.synchronize()
     mx.reset_peak_memory()
     start = time.perf_counter()
-    first = 0.0
+    first, prompt_peak = 0.0, 0
     for i, _ in enumerate(generate_step(prompt, model, max_tokens=n)):
         if i == 0:
             first = time.perf_counter()
+            prompt_peak = mx.get_peak_memory()
     end = time.perf_counter()
     return {
         "prompt_tps": prompt.size / (first - start),
         "decode_tps": (n - 1) / (end - first),
         "peak_gb": mx.get_peak_memory() / 1e9,
+        "prompt_peak_gb": prompt_peak / 1e9,  # where the peak is reached: prompt or decode
     }
 
 

@@ -4,6 +4,7 @@ Run on a CUDA machine (BENCHMARKS.md's GPU section quotes what they found):
 
     python tools/cuda_lab.py kernels          # every variant vs a float32 reference (JSON lines)
     python tools/cuda_lab.py rope             # the rotary epilogue vs mx.fast.rope
+    python tools/cuda_lab.py hostprof         # a pipelined step: build / encode / wait, cProfile
     python tools/cuda_lab.py decode           # fused vs unfused step: logits, host build time,
                                               # decode tokens/s beside MLX-LM (one process)
     ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \
@@ -232,6 +233,67 @@ def decode(check: bool = True) -> None:
     )
 
 
+def host_profile() -> None:
+    """Where a pipelined decode step's time goes: graph building (Python), async_eval
+    (encoding into CUDA graphs) and waiting for the GPU; then a cProfile of the building."""
+    import cProfile
+    import io
+    import pstats
+
+    from bench_cuda import LLAMA_1B, build_ours
+    from mlxlm_core._policy import apply_policy, choose_policy
+    from mlxlm_core.cache import make_prompt_cache
+
+    for bits in (None, 4):
+        model = build_ours(bits)
+        apply_policy(model, choose_policy(model=model))
+        mx.eval(model.parameters())
+        prompt = mx.random.randint(0, LLAMA_1B["vocab_size"], (512,), key=mx.random.key(1))
+        cache = make_prompt_cache(model)
+        mx.eval(model(prompt[None, :-1], cache=cache))
+
+        def step(tok):
+            return mx.argmax(model(tok.reshape(1, 1), cache=cache)[:, -1], axis=-1)
+
+        y = step(prompt[-1:])
+        mx.async_eval(y)
+        builds, encodes, waits = [], [], []
+        for _ in range(100):
+            t0 = time.perf_counter()
+            nxt = step(y)
+            t1 = time.perf_counter()
+            mx.async_eval(nxt)
+            t2 = time.perf_counter()
+            y.item()
+            t3 = time.perf_counter()
+            builds.append(t1 - t0)
+            encodes.append(t2 - t1)
+            waits.append(t3 - t2)
+            y = nxt
+        total = [a + b + c for a, b, c in zip(builds, encodes, waits)]
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(50):
+            nxt = step(y)
+            mx.async_eval(nxt)
+            y.item()
+            y = nxt
+        prof.disable()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+        emit(
+            {
+                "bits": bits,
+                "build_ms": statistics.median(builds) * 1e3,
+                "async_eval_ms": statistics.median(encodes) * 1e3,
+                "wait_ms": statistics.median(waits) * 1e3,
+                "step_ms": statistics.median(total) * 1e3,
+            }
+        )
+        print(text.getvalue()[-6000:])
+        del model, cache
+
+
 def _cudart():
     import ctypes
 
@@ -424,5 +486,7 @@ if __name__ == "__main__":
         sweep_ncu()
     elif what == "sweepq4":
         sweep_q4()
+    elif what == "hostprof":
+        host_profile()
     elif what == "step":
         step_for_ncu()
