@@ -124,6 +124,55 @@ def test_trim_drops_the_tail_and_later_writes_land_after_it() -> None:
     assert rows.cache.empty()
 
 
+def _write_behind_mlx(buffer: mx.array, slot: int, value: float) -> None:
+    """What the fused CUDA decode kernel does: write one slot of a buffer MLX thinks fixed."""
+    mx.eval(buffer)
+    np.asarray(memoryview(buffer))[..., slot, :] = value
+
+
+def test_append_in_place_writes_the_caches_own_buffers_and_spares_views() -> None:
+    cache = KVCache()
+    k, v = (mx.random.normal((1, HEADS, 5, DIM)) for _ in range(2))
+    cache.update_and_fetch(k, v)
+    kept = cache.state  # views someone keeps (a prefix cache entry, say)
+    mx.eval(kept)
+    own = cache.keys
+    keys, values, slot = cache.append_in_place(1)
+    assert keys is own and slot == 5 and cache.length == cache.offset == 6  # no copy
+    _write_behind_mlx(keys, slot, 7.0)
+    _write_behind_mlx(values, slot, -7.0)
+    seen_k, seen_v = (np.array(a) for a in cache.state)
+    assert (seen_k[..., 5, :] == 7.0).all() and (seen_v[..., 5, :] == -7.0).all()
+    np.testing.assert_array_equal(np.array(kept[0]), np.array(k))
+    # After a trim the next slot lies inside the kept views: the cache moves first.
+    cache.trim(3)
+    keys, _, slot = cache.append_in_place(1)
+    assert slot == 3 and keys is not own
+    _write_behind_mlx(keys, slot, 9.0)
+    np.testing.assert_array_equal(np.array(kept[0]), np.array(k))
+    now = np.array(cache.state[0])
+    np.testing.assert_array_equal(now[..., :3, :], np.array(k)[..., :3, :])
+    assert (now[..., 3, :] == 9.0).all() and now.shape[2] == 4
+
+
+def test_append_in_place_grows_and_never_writes_restored_or_quantized_storage() -> None:
+    cache = KVCache()
+    k = mx.random.normal((1, HEADS, KVCache.step, DIM))
+    cache.update_and_fetch(k, k)
+    keys, _, slot = cache.append_in_place(2)  # past the full buffer: a bigger one
+    assert slot == KVCache.step and keys.shape[2] == 2 * KVCache.step
+    np.testing.assert_array_equal(np.array(keys[..., : KVCache.step, :]), np.array(k))
+    copy = KVCache.from_state(cache.state, cache.meta_state)  # shares the source's memory
+    copied, _, slot = copy.append_in_place(1)
+    assert slot == KVCache.step + 2 and copied is not cache.keys
+    _write_behind_mlx(copied, slot, 3.0)
+    assert not (np.array(cache.keys)[..., slot, :] == 3.0).any()
+    quantized = QuantizedKVCache(bits=4, group_size=32)
+    quantized.update_and_fetch(k, k)
+    with pytest.raises(InvalidArgumentError, match="plain arrays"):
+        quantized.append_in_place(1)
+
+
 def test_rotating_caches_are_not_trimmable() -> None:
     caches = [KVCache(), RotatingKVCache(max_size=4)]
     fill(caches[0], 5, 0)

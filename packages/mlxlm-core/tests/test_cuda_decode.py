@@ -212,6 +212,10 @@ def test_kernel_variants_declare_their_inputs() -> None:
     assert "#define EPS 1e-05f" in body
     names, _, body = source("multi", 3, norm=True, rope=(False, 2, 1.0))
     assert names[-2:] == ["periods", "offset"] and "__sincosf" in body
+    names, outs, body = source("multi", 3, rope=(False, 2, 1.0), cache_write=True)
+    assert names[-2:] == ["kcache", "vcache"] and outs == ["out0"] and "kcache_shape" in body
+    with pytest.raises(ValueError, match="cache writes"):
+        source("multi", 3, cache_write=True)  # no rotary: not the q/k/v launch
     names, outs, _ = source("linear", 1, residual=True)
     assert names == ["x", "w0", "res"] and outs == ["out"]
     names, _, body = source("swiglu", 2, quant_group=64)
@@ -290,6 +294,31 @@ def test_qkv_with_rotary_matches_mlx_rope(traditional: bool, position: int, pois
         assert _rel(out, ref) < 1e-2
 
 
+@needs_cuda
+@pytest.mark.parametrize("slot", [0, 37])
+def test_qkv_cache_write_puts_k_and_v_in_the_slot_and_nothing_else(slot: int) -> None:
+    x = mx.random.normal((1, 1, 512)).astype(mx.bfloat16)
+    ws = [(mx.random.normal((n, 512)) * 0.05).astype(mx.bfloat16) for n in (512, 256, 256)]
+    rot = ck.Rotary(
+        10000.0 ** (mx.arange(0, 64, 2, dtype=mx.float32) / 64),
+        mx.full((16,), slot, dtype=mx.int32),
+        64,
+    )
+    shapes = [(1, 8, 1, 64), (1, 4, 1, 64), (1, 4, 1, 64)]
+    tune = ck.Tuning(8, 2, 8, 2)
+    q, k, v = ck.multi_linear(x, ws, rope=rot, shapes=shapes, tune=tune)
+    filler = [mx.random.normal((1, 4, 40, 64)).astype(mx.bfloat16) for _ in range(2)]
+    buffers = [f + 0 for f in filler]  # fresh copies the kernel may write
+    mx.eval(buffers, q, k, v, filler)
+    (q_in_place,) = ck.multi_linear(x, ws, rope=rot, shapes=shapes, tune=tune, cache=buffers)
+    mx.eval(q_in_place)
+    assert mx.array_equal(q_in_place, q)
+    for buffer, before, new in zip(buffers, filler, (k, v), strict=True):
+        assert mx.array_equal(buffer[:, :, slot : slot + 1], new)
+        others = [i for i in range(40) if i != slot]
+        assert mx.array_equal(buffer[:, :, others], before[:, :, others])
+
+
 def _q4(n: int, k: int, group: int = 64) -> tuple[ck.Q4, mx.array]:
     """A random 4-bit weight and its float32 dequantized value (the reference)."""
     w = mx.random.normal((n, k)) * 0.05
@@ -329,8 +358,10 @@ def test_4bit_kernels_match_dequantized_float32(group: int, poisoned) -> None:
 
 @needs_cuda
 @pytest.mark.parametrize("bits", [None, 4])
-def test_fused_decode_matches_mlx_lm(bits: int | None) -> None:
-    """The policy's fused model against MLX-LM's llama on the same weights, bf16 and 4-bit."""
+@pytest.mark.parametrize("prompt_length", [6, 254])
+def test_fused_decode_matches_mlx_lm(bits: int | None, prompt_length: int) -> None:
+    """The policy's fused model against MLX-LM's llama on the same weights, bf16 and 4-bit;
+    the longer prompt makes the decode steps outgrow the cache's first 256-slot buffer."""
     from mlx_lm.models import llama as peer_llama
     from mlx_lm.models.cache import make_prompt_cache as peer_cache
 
@@ -343,14 +374,22 @@ def test_fused_decode_matches_mlx_lm(bits: int | None) -> None:
     policy = apply_policy(ours, choose_policy())
     assert policy.decode_kernels == "fused" and policy.fused_layers == 2
 
+    prompt = mx.random.randint(0, CONFIG["vocab_size"], (1, prompt_length), key=mx.random.key(2))
+
     def run(model, cache):
-        outs = [model(mx.array([[5, 17, 42, 8, 99, 3]]), cache=cache)]
+        outs, buffers = [model(prompt, cache=cache)], []
         for token in (9, 77, 4, 300):
             outs.append(model(mx.array([[token]]), cache=cache))
-        mx.eval(outs)
-        return outs
+            mx.eval(outs[-1])
+            buffers.append(cache[0].keys)
+        return outs, buffers
 
-    mine, theirs = run(ours, make_prompt_cache(ours)), run(peer, peer_cache(peer))
+    cache = make_prompt_cache(ours)
+    (mine, buffers), (theirs, _) = run(ours, cache), run(peer, peer_cache(peer))
     assert all(layer._checked[1] is not None for layer in ours.layers)  # the fused path ran
+    # Written in place: the steps keep one buffer (two when they outgrow the first), where
+    # slice updates would have made a new array every step.
+    assert len({id(b) for b in buffers}) == (1 if prompt_length == 6 else 2)
+    assert all(c.length == prompt_length + 4 for c in cache)
     for a, b in zip(mine, theirs, strict=True):
         assert _rel(a, b) < 3e-2

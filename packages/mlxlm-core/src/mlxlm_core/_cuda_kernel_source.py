@@ -250,7 +250,7 @@ _REDUCE = """
 
 _STORE = """
 #pragma unroll
-    for (int r = 0; r < R; ++r) osel[m * nsel + prow[r]] = static_cast<T>(acc[0][r][m]);
+    for (int r = 0; r < R; ++r) osel[OIDX(m * nsel + prow[r])] = static_cast<T>(acc[0][r][m]);
 """
 
 # Rotated outputs: one row group holds both halves of a rotation pair (see _multi_select).
@@ -261,8 +261,8 @@ _ROTATE = """
       float sn, cs;
       SINCOS
       const float a = acc[0][0][m], b = acc[0][1][m];
-      osel[m * nsel + prow[0]] = static_cast<T>(a * cs - b * sn);
-      osel[m * nsel + prow[1]] = static_cast<T>(a * sn + b * cs);
+      osel[OIDX(m * nsel + prow[0])] = static_cast<T>(a * cs - b * sn);
+      osel[OIDX(m * nsel + prow[1])] = static_cast<T>(a * sn + b * cs);
       continue;
     }
 """
@@ -277,18 +277,25 @@ _SINCOS = (
 )
 
 
-def _multi_select(n_weights: int, quant: bool, rope: tuple[bool, int] | None) -> str:
+def _multi_select(
+    n_weights: int, quant: bool, rope: tuple[bool, int] | None, cache_write: bool
+) -> str:
     """Pick the matrix (and output) of this row group and renumber its rows within it.
 
     Rotated matrices take their rows in rotation pairs: ``(j, j + HD / 2)`` of a head
-    (non-traditional) or ``(2j, 2j + 1)`` (traditional, already adjacent).
+    (non-traditional) or ``(2j, 2j + 1)`` (traditional, already adjacent). With
+    ``cache_write`` the second and third outputs (keys, values) go into the cache buffers.
     """
     head = "const WT* wsel = w0; T* osel = out0; int nsel = N0; int msel = 0;"
     if quant:
         head += " const T* ssel = s0; const T* bsel = b0;"
     lines = [head]
     for i in range(1, n_weights):
-        body = f"row0 -= nsel; wsel = w{i}; osel = out{i}; nsel = N{i}; msel = {i};"
+        target = f"out{i}"
+        if cache_write:
+            # The kernel writes the cache in place: see _cuda_kernels.multi_linear.
+            target = f"const_cast<T*>({'kcache' if i == 1 else 'vcache'})"
+        body = f"row0 -= nsel; wsel = w{i}; osel = {target}; nsel = N{i}; msel = {i};"
         if quant:
             body += f" ssel = s{i}; bsel = b{i};"
         lines.append(f"if (row0 >= nsel) {{ {body} }}")
@@ -313,13 +320,19 @@ def kernel_source(
     residual: bool,
     eps: float,
     rope: tuple[bool, int, float] | None,
+    cache_write: bool = False,
 ) -> tuple[list[str], list[str], str]:
     """Input names, output names and body of one variant.
 
     ``kind``: "linear", "swiglu" (two weights) or "multi" (one output per weight);
     ``quant_group``: 4-bit weights with this group size (None: dense); ``rope``:
-    ``(traditional, count, scale)`` for multi's rotated leading outputs.
+    ``(traditional, count, scale)`` for multi's rotated leading outputs; ``cache_write``
+    (multi, three weights, rope): keys and values are written into the ``kcache`` and
+    ``vcache`` inputs, ``(1, kv_heads, capacity, HD)``, at slot ``offset[0]``, and only
+    the queries are an output.
     """
+    if cache_write and (kind != "multi" or n_weights != 3 or rope is None):
+        raise ValueError("cache writes need multi with q, k, v and rotary")
     quant = quant_group is not None
     names = ["x"]
     for i in range(n_weights):
@@ -327,9 +340,13 @@ def kernel_source(
     names += ["norm"] if norm else []
     names += ["res"] if residual else []
     names += ["periods", "offset"] if rope is not None else []
+    names += ["kcache", "vcache"] if cache_write else []
+    oidx = "(p)"
     if kind == "multi":
-        outs = [f"out{i}" for i in range(n_weights)]
-        select = _multi_select(n_weights, quant, rope[:2] if rope else None)
+        outs = ["out0"] if cache_write else [f"out{i}" for i in range(n_weights)]
+        select = _multi_select(n_weights, quant, rope[:2] if rope else None, cache_write)
+        if cache_write:  # element p of a (1, kv_heads, 1, HD) output, placed at the slot
+            oidx = "(msel == 0 ? (p) : ((p) / HD) * (kcache_shape[2] * HD) + offset[0] * HD + (p) % HD)"
         wp, sp, bp, nw = "wsel", "ssel", "bsel", 1
         rotate = _ROTATE.replace("SINCOS", _SINCOS) if rope is not None else ""
         epilogue = f"#pragma unroll\n  for (int m = 0; m < M; ++m) {{{rotate}{_STORE}  }}\n"
@@ -370,8 +387,9 @@ def kernel_source(
         "TRAD": str(int(bool(rope and rope[0]))),
         "ROPE_SCALE": f"{float(rope[2])!r}f" if rope else "1.f",
         "WT": "unsigned int" if quant else "T",
+        "OIDX(p)": oidx,
     }
     head = "".join(f"#define {k} {v}\n" for k, v in defines.items())
-    tail = "".join(f"#undef {k}\n" for k in defines)
+    tail = "".join(f"#undef {k.split('(')[0]}\n" for k in defines)
     body = _PROLOGUE + select + "\n" + _ACCUMULATORS + loop + _REDUCE + epilogue
     return names, outs, head + body + tail

@@ -134,11 +134,27 @@ def supported(x: mx.array, *weights: Weight) -> bool:
     return len(groups) <= 1
 
 
-def _kernel(kind: str, n_weights: int, group: int | None, norm: bool, res: bool, eps: float, rope):
-    key = (kind, n_weights, group, norm, res, float(eps) if norm else 0.0, rope)
+def _kernel(
+    kind: str,
+    n_weights: int,
+    group: int | None,
+    norm: bool,
+    res: bool,
+    eps: float,
+    rope,
+    cache_write: bool,
+):
+    key = (kind, n_weights, group, norm, res, float(eps) if norm else 0.0, rope, cache_write)
     if key not in _kernels:
         names, outs, body = kernel_source(
-            kind, n_weights, quant_group=group, norm=norm, residual=res, eps=eps, rope=rope
+            kind,
+            n_weights,
+            quant_group=group,
+            norm=norm,
+            residual=res,
+            eps=eps,
+            rope=rope,
+            cache_write=cache_write,
         )
         # MLX's JIT cache is keyed by name: the name must tell every source apart.
         digest = hashlib.sha1(body.encode()).hexdigest()[:12]
@@ -163,6 +179,7 @@ def _launch(
     rope: Rotary | None,
     shapes: list[tuple[int, ...]],
     tune: Tuning,
+    cache: tuple[mx.array, mx.array] | None = None,
 ) -> list[mx.array]:
     k = in_features(weights[0])
     rows = x.size // k
@@ -180,7 +197,14 @@ def _launch(
     total = n_out[0] if kind == "swiglu" else sum(n_out)
     rope_key = (rope.traditional, rope.count, rope.scale) if rope is not None else None
     kernel = _kernel(
-        kind, len(weights), group, norm is not None, residual is not None, eps, rope_key
+        kind,
+        len(weights),
+        group,
+        norm is not None,
+        residual is not None,
+        eps,
+        rope_key,
+        cache is not None,
     )
     inputs = [x]
     for w in weights:
@@ -202,6 +226,9 @@ def _launch(
     if rope is not None:
         inputs += [rope.periods, rope.offset]
         template.append(("HD", rope.head_dim))
+    if cache is not None:
+        inputs += list(cache)
+        shapes = shapes[:1]
     if group:
         template.append(("QG", group))
     groups = tune.warps // ksplit
@@ -284,12 +311,23 @@ def multi_linear(
     rope: Rotary | None = None,
     shapes: Sequence[tuple[int, ...]] | None = None,
     tune: Tuning = DEFAULT_TUNING,
+    cache: tuple[mx.array, mx.array] | None = None,
 ) -> list[mx.array]:
     """``[h @ w.T for w in weights]`` with ``h = rms_norm(x, norm, eps)``, in one launch.
 
     ``rope`` rotates the first ``rope.count`` outputs (one input row only); ``shapes`` gives
     each output's shape (same sizes), e.g. ``(1, heads, 1, head_dim)`` for attention.
+
+    ``cache``: ``(keys, values)`` buffers ``(1, kv_heads, capacity, head_dim)``, for q/k/v
+    weights with rotary: the kernel writes k and v into them *in place* at slot
+    ``rope.offset[0]`` and returns only ``[q]``. MLX knows nothing of that write, so the
+    buffers must be row-contiguous (else MLX hands the kernel a copy) and referenced by
+    nothing that expects them unchanged: ``KVCache.append_in_place`` gives such buffers.
+    Reads of the new slot must depend on ``q`` (they do: attention takes it), which orders
+    them after this launch.
     """
+    if cache is not None and (rope is None or len(weights) != 3):
+        raise ValueError("cache writes need q, k and v weights with rotary")
     k = in_features(weights[0])
     out_shapes = (
         list(shapes) if shapes is not None else [_out_shape(x, k, w.shape[0]) for w in weights]
@@ -304,4 +342,5 @@ def multi_linear(
         rope=rope,
         shapes=out_shapes,
         tune=tune,
+        cache=cache,
     )

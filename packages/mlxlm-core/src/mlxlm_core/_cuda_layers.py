@@ -32,6 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import _cuda_kernels as ck
+from .cache import KVCache
 from .models import llama
 from .models.base import attention, rope_offset
 from .models.rope import Rope
@@ -176,7 +177,30 @@ def _periods(rope: Rope) -> mx.array:
 class _Parts:
     fmt: tuple[int, ...]  # the projections' format the functions were built for
     before: Any  # (x, norm, q/k/v arrays..., offset) -> roped q, k and v, (1, heads, 1, D)
+    # (x, norm, q/k/v arrays..., offset, keys, values) -> roped q; k and v are written into
+    # the cache buffers at slot offset[0]
+    before_in_place: Any
     after: Any  # (attention out, x, norm, o/gate/up/down arrays...) -> the block's output
+
+
+def _in_place_slot(cache: Any, x: mx.array, attn: Any) -> bool:
+    """Whether the q/k/v launch can write this step's keys and values into ``cache`` itself.
+
+    A plain batch-1 cache whose slot is the rope position (no padding, nothing dropped), in
+    ``x``'s dtype: then two slice updates per layer leave the step (see
+    ``KVCache.append_in_place``).
+    """
+    if type(cache) is not KVCache or cache.length != cache.offset or cache.batch_size != 1:
+        return False
+    keys = cache.keys
+    return (
+        isinstance(keys, mx.array)
+        and isinstance(cache.values, mx.array)
+        and keys.dtype == x.dtype
+        and keys.shape[1] == attn.n_kv_heads
+        and keys.shape[3] == attn.head_dim
+        and not isinstance(cache.positions(), mx.array)
+    )
 
 
 class FusedDecoderLayer(llama.DecoderLayer):
@@ -248,10 +272,18 @@ class FusedDecoderLayer(llama.DecoderLayer):
             return super().__call__(x, mask, cache)
         parts = self._functions(fmt)
         per = len(names)
-        q, k, v = parts.before(x, norms[0], *arrays[: 3 * per], _offset_array(rope_offset(cache)))
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        out = attention(q, k, v, cache=cache, scale=attn.scale, mask=mask)
+        offset = _offset_array(rope_offset(cache))
+        if mask is None and _in_place_slot(cache, x, attn):
+            keys, values, slot = cache.append_in_place(1)
+            q = parts.before_in_place(x, norms[0], *arrays[: 3 * per], offset, keys, values)
+            # Attention takes q, so MLX orders it after the launch that wrote the slot.
+            k, v = keys[..., : slot + 1, :], values[..., : slot + 1, :]
+            out = attention(q, k, v, cache=None, scale=attn.scale, mask=None)
+        else:
+            q, k, v = parts.before(x, norms[0], *arrays[: 3 * per], offset)
+            if cache is not None:
+                k, v = cache.update_and_fetch(k, v)
+            out = attention(q, k, v, cache=cache, scale=attn.scale, mask=mask)
         return parts.after(out, x, norms[1], *arrays[3 * per :])
 
 
@@ -285,6 +317,21 @@ def _compile_parts(layer: FusedDecoderLayer, fmt: tuple[int, ...], tunings: Tuni
         )
         return q, k, v
 
+    def before_in_place(x, norm, *rest):
+        *arrays, offset, keys, values = rest
+        rotary = ck.Rotary(periods, offset, dim, scale=rope.scale, traditional=rope.traditional)
+        (q,) = ck.multi_linear(
+            x,
+            weights(arrays),
+            norm=norm,
+            eps=eps1,
+            rope=rotary,
+            shapes=shapes,
+            tune=t_qkv,
+            cache=(keys, values),
+        )
+        return q
+
     def after(out, x, norm, *arrays):
         wo, wg, wu, wd = weights(arrays)
         # ``out`` is (1, heads, 1, head_dim): for one row, the same memory as (1, 1, hidden).
@@ -292,7 +339,7 @@ def _compile_parts(layer: FusedDecoderLayer, fmt: tuple[int, ...], tunings: Tuni
         g = ck.swiglu(h, wg, wu, norm=norm, eps=eps2, tune=t_gate_up)
         return ck.linear(g, wd, residual=h, tune=t_down)
 
-    return _Parts(fmt, mx.compile(before), mx.compile(after))
+    return _Parts(fmt, mx.compile(before), mx.compile(before_in_place), mx.compile(after))
 
 
 _HEAD_TUNING = ck.Tuning(warps=8, rows_per_warp=4, unroll=2, ksplit=2)

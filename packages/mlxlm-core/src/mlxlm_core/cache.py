@@ -96,6 +96,10 @@ class KVCache:
         trimmable=True, mergeable=True, quantized=False, serialisable=True
     )
     step: ClassVar[int] = 256
+    # The (keys, values) objects last known to be referenced by this cache alone, in
+    # row-contiguous buffers (see append_in_place); any other assignment voids it.
+    _sole: tuple[Any, Any] | None = None
+    _views_out = False  # views were handed out since the buffers were last made fresh
 
     def __init__(self, *, batch_size: int = 1, left_padding: Sequence[int] | None = None) -> None:
         self.keys: Any = None
@@ -126,7 +130,11 @@ class KVCache:
         n = keys.shape[2]
         k_new, v_new = self._store(keys), self._store(values)
         capacity = 0 if self.keys is None else flat_items(self.keys)[0][1].shape[2]
+        # Writing into a buffer only this cache holds leaves it so (MLX updates it in place
+        # or, if something else still reads it, copies it first).
+        sole = self._holds_sole_buffers()
         if self.length + n > capacity:
+            sole = True
             grow = ((n + self.step - 1) // self.step) * self.step
             k_more, v_more = self._alloc(k_new, grow), self._alloc(v_new, grow)
             if self.keys is None:
@@ -149,7 +157,42 @@ class KVCache:
         self.values = tree_map(write, self.values, v_new)
         self.length = end
         self.offset += n
+        self._sole = (self.keys, self.values) if sole else None
+        self._views_out = True
         return self._slice(self.keys, end), self._slice(self.values, end)
+
+    def _holds_sole_buffers(self) -> bool:
+        sole = self._sole
+        return sole is not None and sole[0] is self.keys and sole[1] is self.values
+
+    def append_in_place(self, n: int = 1) -> tuple[mx.array, mx.array, int]:
+        """Room for ``n`` positions that a kernel writes itself: ``(keys, values, slot)``.
+
+        The cache advances by ``n`` and returns its buffers, row-contiguous and referenced by
+        it alone, so a kernel may write slots ``slot .. slot + n - 1`` without MLX knowing
+        (the fused CUDA decode step does, saving two operations per layer). Views handed
+        out before (``state``, ``update_and_fetch``) keep their contents: new slots lie
+        beyond them, and when a trim would let a write reach into one, the cache first
+        moves to fresh buffers. Plain single-array storage only.
+        """
+        if not isinstance(self.keys, mx.array) or not isinstance(self.values, mx.array):
+            raise InvalidArgumentError("append_in_place needs a cache holding plain arrays")
+        end = self.length + n
+        if not self._holds_sole_buffers() or end > self.keys.shape[2]:
+            capacity = self.length + ((n + self.step - 1) // self.step) * self.step
+            self.keys, self.values = (self._fresh(a, capacity) for a in (self.keys, self.values))
+            self._views_out = False
+        slot = self.length
+        self.length = end
+        self.offset += n
+        self._sole = (self.keys, self.values)
+        return self.keys, self.values, slot
+
+    def _fresh(self, buffer: mx.array, capacity: int) -> mx.array:
+        """A new buffer of ``capacity`` slots holding the filled ones of ``buffer``."""
+        b, h, _, d = buffer.shape
+        empty = mx.zeros((b, h, capacity - self.length, d), buffer.dtype)
+        return mx.concatenate([buffer[..., : self.length, :], empty], axis=2)
 
     # -- what the model asks ---------------------------------------------------------
     @property
@@ -188,6 +231,8 @@ class KVCache:
     def trim(self, n: int) -> int:
         """Drop the last ``n`` positions; returns how many were dropped."""
         n = min(self.length, n)
+        if n and self._views_out:
+            self._sole = None  # a view may cover slots that appending would now rewrite
         self.length -= n
         self.offset -= n
         return n
@@ -223,6 +268,7 @@ class KVCache:
             raise InvalidArgumentError("cannot merge an empty cache into a batch")
         if self.keys is None or self.batch_size == 0:
             self.__dict__.update(other.__dict__)
+            self._sole = None  # both caches now hold the same buffers
             return
         mine, theirs = self.length, other.length
         total = max(mine, theirs)
@@ -244,6 +290,7 @@ class KVCache:
     # -- serialisation ---------------------------------------------------------------
     @property
     def state(self) -> tuple[Any, Any]:
+        self._views_out = True
         return self._slice(self.keys, self.length), self._slice(self.values, self.length)
 
     @property
