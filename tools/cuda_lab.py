@@ -4,6 +4,7 @@ Run on a CUDA machine (BENCHMARKS.md's GPU section quotes what they found):
 
     python tools/cuda_lab.py kernels          # every variant vs a float32 reference (JSON lines)
     python tools/cuda_lab.py rope             # the rotary epilogue vs mx.fast.rope
+    python tools/cuda_lab.py peaks mlxlm|mlx-lm  # peak memory per phase (prompt, steps)
     python tools/cuda_lab.py hostprof         # a pipelined step: build / encode / wait, cProfile
     python tools/cuda_lab.py decode           # fused vs unfused step: logits, host build time,
                                               # decode tokens/s beside MLX-LM (one process)
@@ -252,7 +253,7 @@ def host_profile() -> None:
         cache = make_prompt_cache(model)
         mx.eval(model(prompt[None, :-1], cache=cache))
 
-        def step(tok):
+        def step(tok, model=model, cache=cache):
             return mx.argmax(model(tok.reshape(1, 1), cache=cache)[:, -1], axis=-1)
 
         y = step(prompt[-1:])
@@ -291,7 +292,60 @@ def host_profile() -> None:
             }
         )
         print(text.getvalue()[-6000:])
-        del model, cache
+
+
+def phase_peaks(engine: str) -> None:
+    """Peak memory after the prompt, the first and the second decode step (the second grows
+    the cache), each phase synchronised, for one engine (run each in its own process)."""
+    from bench_cuda import LLAMA_1B, build_ours, build_peer
+
+    for bits in (None, 4):
+        if engine == "mlxlm":
+            from mlxlm_core._engine import Sampling, decode_step, prefill
+            from mlxlm_core._policy import apply_policy, choose_policy
+            from mlxlm_core.cache import make_prompt_cache
+
+            model = build_ours(bits)
+            apply_policy(model, choose_policy(model=model))
+        else:
+            from mlx_lm.models.cache import make_prompt_cache  # type: ignore[no-redef]
+
+            model = build_peer(bits)
+        mx.eval(model.parameters())
+        prompt = mx.random.randint(0, LLAMA_1B["vocab_size"], (1, 512), key=mx.random.key(1))
+        base = mx.get_active_memory()
+        peaks = []
+        for _ in range(2):
+            cache = make_prompt_cache(model)
+            mx.synchronize()
+            mx.reset_peak_memory()
+            row = {}
+            if engine == "mlxlm":
+                prefill(model, prompt[:, :-1], cache)
+            else:
+                model(prompt[:, :-1], cache=cache)
+                mx.eval([c.state for c in cache])
+            mx.synchronize()
+            row["prompt"] = mx.get_peak_memory() - base
+            token = prompt[:, -1:]
+            for step in ("step1", "step2"):
+                mx.reset_peak_memory()
+                if engine == "mlxlm":
+                    sampling = Sampling()
+                    sampling.add(prompt[0, :-1], None, None)
+                    y, logprobs = decode_step(model, token, cache, sampling)
+                else:
+                    logits = model(token, cache=cache)[:, -1, :]
+                    logprobs = logits - mx.logsumexp(logits, keepdims=True)
+                    y = mx.argmax(logprobs, axis=-1)
+                mx.eval(y, logprobs)
+                mx.synchronize()
+                row[step] = mx.get_peak_memory() - base
+                token = y[:, None]
+            peaks.append(row)
+            del cache
+        emit({"engine": engine, "bits": bits, "weights": base, "peaks_above_weights": peaks})
+        del model
 
 
 def _cudart():
@@ -486,6 +540,8 @@ if __name__ == "__main__":
         sweep_ncu()
     elif what == "sweepq4":
         sweep_q4()
+    elif what == "peaks":
+        phase_peaks(sys.argv[2])
     elif what == "hostprof":
         host_profile()
     elif what == "step":
