@@ -193,10 +193,10 @@ def test_apply_policy_records_fused_blocks() -> None:
 
 def test_graph_limits_only_with_cuda_and_never_over_the_users() -> None:
     assert configure_graph_limits({}, cuda=False) == {}
-    env: dict[str, str] = {"MLX_MAX_OPS_PER_BUFFER": "64"}
+    env: dict[str, str] = {"MLX_MAX_OPS_PER_BUFFER": "12"}
     changed = configure_graph_limits(env, cuda=True)
     assert changed == {"MLX_MAX_MB_PER_BUFFER": GRAPH_LIMITS["MLX_MAX_MB_PER_BUFFER"]}
-    assert env["MLX_MAX_OPS_PER_BUFFER"] == "64"
+    assert env["MLX_MAX_OPS_PER_BUFFER"] == "12"
     assert configure_graph_limits({"MLXLM_CUDA_GRAPH_LIMITS": "0"}, cuda=True) == {}
 
 

@@ -7,8 +7,9 @@ the graph). Decoding reads all the weights every step, so a Llama-3.2-1B step (2
 kernels with the fused blocks) was cut into ~10 graphs; 2-3 per step ran faster on H100 and
 H200 (BENCHMARKS.md). More operations per graph hold more of a prefill's temporaries alive
 until the graph completes: 400 ran bfloat16 decoding faster still but raised peak memory
-0.15 GB over MLX-LM's; 64 lowered it 0.1 GB below MLX-LM's but slowed batch-16 decoding
-~8%; 100 (the setting) keeps every configuration at or above MLX-LM's speed.
+0.15 GB over MLX-LM's, and 100 left batch-1 peaks level with MLX-LM's (0.5 MB over in some
+runs), while 64 (the setting) kept them 1-4% under in every run; once the decode step wrote
+the cache in place, 64 and 100 decoded at the same speed within the machines' noise.
 MLX reads the two variables once, when its first CUDA stream starts,
 so they are set when mlxlm_core is imported, only where the user has not set them, and only
 with the CUDA backend. ``MLXLM_CUDA_GRAPH_LIMITS=0`` leaves MLX's defaults.
@@ -23,7 +24,7 @@ import mlx.core as mx
 
 __all__ = ["GRAPH_LIMITS", "configure_graph_limits"]
 
-GRAPH_LIMITS = {"MLX_MAX_OPS_PER_BUFFER": "100", "MLX_MAX_MB_PER_BUFFER": "10000"}
+GRAPH_LIMITS = {"MLX_MAX_OPS_PER_BUFFER": "64", "MLX_MAX_MB_PER_BUFFER": "10000"}
 OPT_OUT = "MLXLM_CUDA_GRAPH_LIMITS"
 
 
