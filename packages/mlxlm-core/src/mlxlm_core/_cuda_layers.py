@@ -2,9 +2,10 @@
 
 A pre-norm block with separate q/k/v projections and a SwiGLU MLP, in bfloat16/float16 or
 4-bit (MLX's affine packing, as ``nn.QuantizedLinear`` holds it), runs as 4 launches of ours
-plus MLX's cache update and attention, instead of ~25 MLX operations:
+plus MLX's attention, instead of ~25 MLX operations:
 
-    q, k, v = rope(rms_norm(x) @ [Wq, Wk, Wv].T)     one launch, norm and rotary fused
+    q, k, v = rope(rms_norm(x) @ [Wq, Wk, Wv].T)     one launch, norm and rotary fused; k and
+                                                      v written into the cache in place
     h       = x + attention(q, k, v) @ Wo.T           residual fused
     g       = silu(rms_norm(h) @ Wg.T) * (.. @ Wu.T)  one launch, norm fused
     out     = h + g @ Wd.T                            residual fused
