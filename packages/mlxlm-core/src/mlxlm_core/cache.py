@@ -129,7 +129,7 @@ class KVCache:
         """Append ``n`` new positions and return everything attention should see."""
         n = keys.shape[2]
         k_new, v_new = self._store(keys), self._store(values)
-        capacity = 0 if self.keys is None else flat_items(self.keys)[0][1].shape[2]
+        capacity = 0 if self.keys is None else self._slots()
         # Writing into a buffer only this cache holds leaves it so (MLX updates it in place
         # or, if something else still reads it, copies it first).
         sole = self._holds_sole_buffers()
@@ -160,6 +160,11 @@ class KVCache:
         self._sole = (self.keys, self.values) if sole else None
         self._views_out = True
         return self._slice(self.keys, end), self._slice(self.values, end)
+
+    def _slots(self) -> int:
+        """Slots the buffers hold (read every step: no tree walk for plain arrays)."""
+        keys = self.keys
+        return keys.shape[2] if isinstance(keys, mx.array) else flat_items(keys)[0][1].shape[2]
 
     def _holds_sole_buffers(self) -> bool:
         sole = self._sole
@@ -309,7 +314,7 @@ class KVCache:
 
     def _restore(self, state: tuple[Any, Any], meta: dict[str, Any]) -> None:
         self.keys, self.values = state
-        self.length = flat_items(self.keys)[0][1].shape[2]
+        self.length = self._slots()
         self.offset = int(meta["offset"])
         self.starts = mx.array(meta["starts"], dtype=mx.int32)
         self.valid_from = mx.array(meta.get("valid_from", meta["starts"]), dtype=mx.int32)
