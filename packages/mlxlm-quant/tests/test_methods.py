@@ -131,6 +131,29 @@ def test_learned_methods_beat_rounding(tiny: Path, calib: mx.array, method: str)
     assert _kl(model, reference, calib) < bound * _kl(rtn, reference, calib)
 
 
+def test_awq_feeds_each_block_the_quantized_blocks_outputs(tiny: Path, calib: mx.array) -> None:
+    """The next block's calibration inputs are what MLX's own quantized layers compute, and
+    the block keeps its float weights for the final packing."""
+    from mlxlm_quant._awq import _rounded_outputs
+    from mlxlm_quant._blocks import block_extras, block_inputs
+
+    model, _ = load(tiny)
+    block = model.layers[0]
+    hidden = block_inputs(model, calib, batch_size=4)
+    extra = block_extras(model, calib.shape[1])[0]
+    modules = dict(block.named_modules())
+    spec = QuantSpec(bits=3, group_size=32)
+    specs = {p: spec for p, m in modules.items() if isinstance(m, nn.Linear)}
+    before = {p: modules[p].weight for p in specs}
+    ours = _rounded_outputs(block, hidden, extra, modules, specs)
+    assert all(modules[p].weight is w for p, w in before.items())
+    reference = copy.deepcopy(block)
+    nn.quantize(reference, group_size=32, bits=3)
+    args, kwargs = extra
+    for h, out in zip(hidden, ours):
+        assert mx.allclose(out, reference(h, *args, **kwargs), atol=1e-4, rtol=1e-4)
+
+
 def test_gptq_in_batches_and_in_one_pass(tiny: Path, calib: mx.array) -> None:
     """Both drivers (one forward per block, layers quantized on their call; or batches with
     a Hessian pass then a quantized pass) beat rounding."""
