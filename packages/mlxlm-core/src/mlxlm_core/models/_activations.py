@@ -8,26 +8,13 @@ exact (erf) one. Getting this wrong moves logits by ~1e-3, so it is looked up, n
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .._errors import UnsupportedError
 
-__all__ = ["activation", "swiglu"]
-
-
-@partial(mx.compile, shapeless=True)
-def _swiglu(gate: mx.array, up: mx.array) -> mx.array:
-    return nn.silu(gate) * up
-
-
-def swiglu(gate: mx.array, up: mx.array) -> mx.array:
-    """``silu(gate) * up`` as one compiled kernel: unfused, ``silu(gate)`` is a whole
-    (tokens, intermediate) temporary per layer during a prompt, and one more launch."""
-    return _swiglu(gate, up)
-
+__all__ = ["activation"]
 
 _ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {
     "gelu": nn.gelu,

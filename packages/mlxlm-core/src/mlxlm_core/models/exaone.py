@@ -16,7 +16,6 @@ import mlx.nn as nn
 
 from ..cache import KVCache
 from . import llama
-from ._activations import swiglu
 from ._blocks import GlobalLayerCaches, drop_unused, output_logits, run_layers, shard_heads
 from .sharding import shard_projections
 
@@ -70,7 +69,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(hidden, dim, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.c_proj(swiglu(self.c_fc_0(x), self.c_fc_1(x)))
+        return self.c_proj(nn.silu(self.c_fc_0(x)) * self.c_fc_1(x))
 
 
 class Block(nn.Module):

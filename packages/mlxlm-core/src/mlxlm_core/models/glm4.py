@@ -12,7 +12,6 @@ import mlx.nn as nn
 
 from ..cache import KVCache
 from . import llama
-from ._activations import swiglu
 from .sharding import shard_attention_mlp, shard_projections
 
 
@@ -34,7 +33,7 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(swiglu(gate, up))
+        return self.down_proj(nn.silu(gate) * up)
 
 
 class Attention(llama.Attention):

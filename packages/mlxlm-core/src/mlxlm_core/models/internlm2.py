@@ -17,7 +17,6 @@ import mlx.nn as nn
 
 from ..cache import KVCache
 from . import llama
-from ._activations import swiglu
 from ._blocks import GlobalLayerCaches, drop_unused, output_logits, run_layers, shard_heads
 from .sharding import shard_projections
 
@@ -53,7 +52,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)  # down
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.w2(swiglu(self.w1(x), self.w3(x)))
+        return self.w2(nn.silu(self.w1(x)) * self.w3(x))
 
 
 class DecoderLayer(nn.Module):

@@ -11,7 +11,6 @@ import mlx.nn as nn
 
 from .._errors import UnsupportedError
 from ..cache import CachePolicy, KVCache
-from ._activations import swiglu
 from ._hf_config import apply_rope_parameters
 from .base import BaseModelArgs, attention, default_caches, layer_masks, rope_offset
 from .rope import make_rope
@@ -123,7 +122,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
