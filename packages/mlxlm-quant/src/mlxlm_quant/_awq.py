@@ -325,15 +325,15 @@ def awq_quantize(
     for i, block in enumerate(blocks):
         prefix = names[id(block)] + "."
         modules = dict(block.named_modules())
-        targets = [
-            p
+        specs_of = {
+            p: spec
             for p in linear_paths(block)
-            if isinstance(modules[p], nn.Linear) and plan.get(prefix + p) is not None
-        ]
+            if isinstance(modules[p], nn.Linear) and (spec := plan.get(prefix + p)) is not None
+        }
+        targets = list(specs_of)
         stats = InputStats()
         with hooked(block, targets, stats):
             outputs = run_block(block, hidden, extras[i])
-        specs_of = {p: plan[prefix + p] for p in targets}
         judge = _BlockJudge(block, hidden[0], outputs[0], extras[i], modules, specs_of)
         judge.consider()  # plain rounding
         clips: list[tuple[nn.Module, Any, mx.array]] = []
