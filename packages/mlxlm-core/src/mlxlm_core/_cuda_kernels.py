@@ -134,28 +134,11 @@ def supported(x: mx.array, *weights: Weight) -> bool:
     return len(groups) <= 1
 
 
-def _kernel(
-    kind: str,
-    n_weights: int,
-    group: int | None,
-    norm: bool,
-    res: bool,
-    eps: float,
-    rope,
-    cache_write: bool,
-):
-    key = (kind, n_weights, group, norm, res, float(eps) if norm else 0.0, rope, cache_write)
+def _kernel(kind: str, n_weights: int, **options):
+    """The compiled kernel for ``kernel_source(kind, n_weights, **options)``, made once."""
+    key = (kind, n_weights, *sorted(options.items()))
     if key not in _kernels:
-        names, outs, body = kernel_source(
-            kind,
-            n_weights,
-            quant_group=group,
-            norm=norm,
-            residual=res,
-            eps=eps,
-            rope=rope,
-            cache_write=cache_write,
-        )
+        names, outs, body = kernel_source(kind, n_weights, **options)
         # MLX's JIT cache is keyed by name: the name must tell every source apart.
         digest = hashlib.sha1(body.encode()).hexdigest()[:12]
         _kernels[key] = mx.fast.cuda_kernel(
@@ -199,12 +182,12 @@ def _launch(
     kernel = _kernel(
         kind,
         len(weights),
-        group,
-        norm is not None,
-        residual is not None,
-        eps,
-        rope_key,
-        cache is not None,
+        quant_group=group,
+        norm=norm is not None,
+        residual=residual is not None,
+        eps=float(eps) if norm is not None else 0.0,  # unused without a norm: one kernel
+        rope=rope_key,
+        cache_write=cache is not None,
     )
     inputs = [x]
     for w in weights:

@@ -179,7 +179,7 @@ class _Parts:
     fmt: tuple[int, ...]  # the projections' format the functions were built for
     before: Any  # (x, norm, q/k/v arrays..., offset) -> roped q, k and v, (1, heads, 1, D)
     # (x, norm, q/k/v arrays..., offset, keys, values) -> roped q; k and v are written into
-    # the cache buffers at slot offset[0]
+    # the cache buffers at slot offset[0] (returns the 1-tuple (q,))
     before_in_place: Any
     after: Any  # (attention out, x, norm, o/gate/up/down arrays...) -> the block's output
 
@@ -276,7 +276,7 @@ class FusedDecoderLayer(llama.DecoderLayer):
         offset = _offset_array(rope_offset(cache))
         if mask is None and _in_place_slot(cache, x, attn):
             keys, values, slot = cache.append_in_place(1)
-            q = parts.before_in_place(x, norms[0], *arrays[: 3 * per], offset, keys, values)
+            (q,) = parts.before_in_place(x, norms[0], *arrays[: 3 * per], offset, keys, values)
             # Attention takes q, so MLX orders it after the launch that wrote the slot.
             k, v = keys[..., : slot + 1, :], values[..., : slot + 1, :]
             out = attention(q, k, v, cache=None, scale=attn.scale, mask=None)
@@ -310,28 +310,18 @@ def _compile_parts(layer: FusedDecoderLayer, fmt: tuple[int, ...], tunings: Tuni
             ck.Q4(arrays[i], arrays[i + 1], arrays[i + 2], fmt[0]) for i in range(0, len(arrays), 3)
         ]
 
-    def before(x, norm, *rest):
-        *arrays, offset = rest
-        rotary = ck.Rotary(periods, offset, dim, scale=rope.scale, traditional=rope.traditional)
-        q, k, v = ck.multi_linear(
-            x, weights(arrays), norm=norm, eps=eps1, rope=rotary, shapes=shapes, tune=t_qkv
-        )
-        return q, k, v
+    def qkv(in_place: bool) -> Any:
+        """The q/k/v launch; ``in_place``: its last two inputs are the cache buffers that
+        take k and v, and only q is returned."""
 
-    def before_in_place(x, norm, *rest):
-        *arrays, offset, keys, values = rest
-        rotary = ck.Rotary(periods, offset, dim, scale=rope.scale, traditional=rope.traditional)
-        (q,) = ck.multi_linear(
-            x,
-            weights(arrays),
-            norm=norm,
-            eps=eps1,
-            rope=rotary,
-            shapes=shapes,
-            tune=t_qkv,
-            cache=(keys, values),
-        )
-        return q
+        def launch(x, norm, *rest):
+            cache = (rest[-2], rest[-1]) if in_place else None
+            *arrays, offset = rest[:-2] if in_place else rest
+            rotary = ck.Rotary(periods, offset, dim, scale=rope.scale, traditional=rope.traditional)
+            kw = dict(norm=norm, eps=eps1, rope=rotary, shapes=shapes, tune=t_qkv, cache=cache)
+            return tuple(ck.multi_linear(x, weights(arrays), **kw))
+
+        return mx.compile(launch)
 
     def after(out, x, norm, *arrays):
         wo, wg, wu, wd = weights(arrays)
@@ -340,7 +330,7 @@ def _compile_parts(layer: FusedDecoderLayer, fmt: tuple[int, ...], tunings: Tuni
         g = ck.swiglu(h, wg, wu, norm=norm, eps=eps2, tune=t_gate_up)
         return ck.linear(g, wd, residual=h, tune=t_down)
 
-    return _Parts(fmt, mx.compile(before), mx.compile(before_in_place), mx.compile(after))
+    return _Parts(fmt, qkv(in_place=False), qkv(in_place=True), mx.compile(after))
 
 
 _HEAD_TUNING = ck.Tuning(warps=8, rows_per_warp=4, unroll=2, ksplit=2)
