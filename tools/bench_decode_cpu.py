@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 
 
 def _thread_cpu() -> dict[str, float]:
@@ -165,30 +166,38 @@ def _batch_worker(model_path: str, engine: str, rows: int, trials: int, steps: i
     }
 
 
+def _batch_line(rows: int, engine: str, r: dict) -> str:
+    trials = "/".join(f"{t:.0f}" for t in r["cpu_ms_trials"])
+    return (
+        f"{rows:3d} rows {engine:8s} cpu {r['cpu_ms_per_step']:7.1f} ms/step "
+        f"({trials})  wall {r['wall_ms_per_step']:7.1f}  peak decode "
+        f"{r['peak_decode_mb']:6.0f} MB, all {r['peak_mb']:6.0f} MB  "
+        f"load {r['load_avg']:.1f}"
+    )
+
+
+def _mode_line(mode: str, r: dict) -> str:
+    threads = "/".join(f"{t:.1f}" for t in r["busiest_threads_ms_per_token"])
+    return (
+        f"{mode:10s} {r['tokens_per_s']:6.1f} tok/s  "
+        f"cpu {r['cpu_ms_per_token']:6.1f} ms/token "
+        f"(threads {threads}, python {r['python_thread_ms_per_token']:.1f})  "
+        f"nodes/step {r['graph_nodes_per_step']}  load {r['load_avg']:.1f}"
+    )
+
+
 def _batch_main(args: argparse.Namespace) -> int:
     if not args.model:
         from mlxlm_core._resolve import resolve_model_path
 
         args.model = str(resolve_model_path(None))
 
-    def line(rows: int, engine: str) -> Callable[[dict], str]:
-        def describe(r: dict) -> str:
-            trials = "/".join(f"{t:.0f}" for t in r["cpu_ms_trials"])
-            return (
-                f"{rows:3d} rows {engine:8s} cpu {r['cpu_ms_per_step']:7.1f} ms/step "
-                f"({trials})  wall {r['wall_ms_per_step']:7.1f}  peak decode "
-                f"{r['peak_decode_mb']:6.0f} MB, all {r['peak_mb']:6.0f} MB  "
-                f"load {r['load_avg']:.1f}"
-            )
-
-        return describe
-
     jobs = []
     for rows in [int(r) for r in args.batch.split(",")]:
         for engine in args.weight_mode.split(","):
             cmd = [sys.executable, __file__, "--batch-worker", f"{engine}:{rows}"]
             cmd += ["--model", args.model, "--trials", str(args.trials), "--steps", str(args.steps)]
-            jobs.append((cmd, line(rows, engine)))
+            jobs.append((cmd, partial(_batch_line, rows, engine)))
     return _run_all(jobs, as_json=args.json)
 
 
@@ -230,25 +239,13 @@ def main() -> int:
         print(json.dumps(_worker(args.model, args.worker, args.generation_tokens)))
         return 0
 
-    def line(mode: str) -> Callable[[dict], str]:
-        def describe(r: dict) -> str:
-            threads = "/".join(f"{t:.1f}" for t in r["busiest_threads_ms_per_token"])
-            return (
-                f"{mode:10s} {r['tokens_per_s']:6.1f} tok/s  "
-                f"cpu {r['cpu_ms_per_token']:6.1f} ms/token "
-                f"(threads {threads}, python {r['python_thread_ms_per_token']:.1f})  "
-                f"nodes/step {r['graph_nodes_per_step']}  load {r['load_avg']:.1f}"
-            )
-
-        return describe
-
     jobs = []
     for _ in range(args.rounds):
         for mode in args.weight_mode.split(","):
             cmd = [sys.executable, __file__, "--worker", mode, "-g", str(args.generation_tokens)]
             if args.model:
                 cmd += ["--model", args.model]
-            jobs.append((cmd, line(mode)))
+            jobs.append((cmd, partial(_mode_line, mode)))
     return _run_all(jobs, as_json=args.json)
 
 

@@ -234,6 +234,17 @@ def decode(check: bool = True) -> None:
     )
 
 
+def _policy_model(bits: int | None) -> nn.Module:
+    """The benchmark's model set up as ``load`` would (its execution policy applied)."""
+    from bench_cuda import build_ours
+    from mlxlm_core._policy import apply_policy, choose_policy
+
+    model = build_ours(bits)
+    apply_policy(model, choose_policy(model=model))
+    mx.eval(model.parameters())
+    return model
+
+
 def host_profile() -> None:
     """Where a pipelined decode step's time goes: graph building (Python), async_eval
     (encoding into CUDA graphs) and waiting for the GPU; then a cProfile of the building."""
@@ -241,14 +252,11 @@ def host_profile() -> None:
     import io
     import pstats
 
-    from bench_cuda import LLAMA_1B, build_ours
-    from mlxlm_core._policy import apply_policy, choose_policy
+    from bench_cuda import LLAMA_1B
     from mlxlm_core.cache import make_prompt_cache
 
     for bits in (None, 4):
-        model = build_ours(bits)
-        apply_policy(model, choose_policy(model=model))
-        mx.eval(model.parameters())
+        model = _policy_model(bits)
         prompt = mx.random.randint(0, LLAMA_1B["vocab_size"], (512,), key=mx.random.key(1))
         cache = make_prompt_cache(model)
         mx.eval(model(prompt[None, :-1], cache=cache))
@@ -297,21 +305,19 @@ def host_profile() -> None:
 def phase_peaks(engine: str) -> None:
     """Peak memory after the prompt, the first and the second decode step (the second grows
     the cache), each phase synchronised, for one engine (run each in its own process)."""
-    from bench_cuda import LLAMA_1B, build_ours, build_peer
+    from bench_cuda import LLAMA_1B, build_peer
 
     for bits in (None, 4):
         if engine == "mlxlm":
             from mlxlm_core._engine import Sampling, decode_step, prefill
-            from mlxlm_core._policy import apply_policy, choose_policy
             from mlxlm_core.cache import make_prompt_cache
 
-            model = build_ours(bits)
-            apply_policy(model, choose_policy(model=model))
+            model = _policy_model(bits)
         else:
             from mlx_lm.models.cache import make_prompt_cache  # type: ignore[no-redef]
 
             model = build_peer(bits)
-        mx.eval(model.parameters())
+            mx.eval(model.parameters())
         prompt = mx.random.randint(0, LLAMA_1B["vocab_size"], (1, 512), key=mx.random.key(1))
         base = mx.get_active_memory()
         peaks = []
@@ -494,7 +500,6 @@ def sweep_q4() -> None:
 
 def step_for_ncu() -> None:
     """Warm up, then one decode step between cudaProfilerStart/Stop (for ncu)."""
-    import ctypes
 
     from bench_cuda import LLAMA_1B, build_models
     from mlxlm_core._cuda_layers import convert_decode_layers
@@ -510,13 +515,7 @@ def step_for_ncu() -> None:
     for _ in range(5):
         mx.eval(mx.argmax(ours(tok, cache=cache)[:, -1], axis=-1))
     mx.synchronize()
-    rt = None
-    for lib in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
-        try:
-            rt = ctypes.CDLL(lib)
-            break
-        except OSError:
-            continue
+    rt = _cudart()
     if rt is not None:
         rt.cudaProfilerStart()
     mx.eval(mx.argmax(ours(tok, cache=cache)[:, -1], axis=-1))
