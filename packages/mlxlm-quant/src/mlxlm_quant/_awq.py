@@ -239,12 +239,8 @@ class _BlockJudge:
 
     def consider(self) -> None:
         params = self.block.parameters()
-        for path, spec in self.specs.items():
-            module = self.modules[path]
-            module.weight = round_trip(module.weight, spec)
-        out = run_block(self.block, [self.probe], self.extra)[0]
-        err = float(((out - self.target) ** 2).mean())
-        self.block.update(params)
+        out = _rounded_outputs(self.block, [self.probe], self.extra, self.modules, self.specs)
+        err = float(((out[0] - self.target) ** 2).mean())
         if self.best is None or err < self.best[0]:
             self.best = (err, params)
 
@@ -260,7 +256,8 @@ def _rounded_outputs(
     modules: dict[str, nn.Module],
     specs: dict[str, QuantSpec],
 ) -> list[mx.array]:
-    """The block's outputs with its layers rounded as they will be: the next block's inputs.
+    """The block's outputs with its layers rounded as they will be (its float weights are
+    restored after): what the judge compares, and the next block's inputs.
 
     Calibrating each block on the quantized model's own hidden states (not the float
     model's) lets its scales and clips see the error that reaches it, as the rounded
